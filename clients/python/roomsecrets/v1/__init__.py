@@ -1,0 +1,1 @@
+"""Generated from proto/roomsecrets/v1 by tools/gen.sh; do not edit."""

@@ -1,0 +1,144 @@
+"""Wires settings into a running gRPC server: store, keyring, auth, domain services, adapters,
+reflection, health, TLS, message limits, and a graceful shutdown that ends streams cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from roomsecrets.v1 import room_secrets_pb2, room_secrets_pb2_grpc
+
+from .audit import AuditLog
+from .auth.dev_key import ensure_dev_key
+from .auth.tokens import TokenVerifier, VerificationKey, hs256_key, keys_from_jwks, public_key_from_pem
+from .config import Settings
+from .crypto.keyring import KeyringFile
+from .oauth.service import OAuthService
+from .requests.notifier import LocalNotifier
+from .requests.service import RequestService
+from .rpc.room_secrets import RoomSecretsServicer
+from .secrets.service import SecretsService
+from .store.sqlite import SqliteStore
+
+log = logging.getLogger("roomsecrets")
+
+ROOM_SECRETS = room_secrets_pb2.DESCRIPTOR.services_by_name["RoomSecrets"].full_name
+
+
+def verification_keys(settings: Settings) -> list[VerificationKey]:
+    keys: list[VerificationKey] = []
+    if settings.dev_signing_key:
+        keys.append(hs256_key(*ensure_dev_key(settings.data_dir)))
+    for path in settings.jwt_public_keys:
+        keys.append(public_key_from_pem(path.stem, path.read_bytes()))
+    for path in settings.jwks_files:
+        keys.extend(keys_from_jwks(path))
+    return keys
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        # A stale server on the same port must make bind fail, not silently share traffic.
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 30_000),
+        ("grpc.max_concurrent_streams", 1000),
+    ]
+
+
+class RoomSecretsServer:
+    def __init__(self, settings: Settings) -> None:
+        settings.check()
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.keyring = KeyringFile(settings.keyring_path)
+        self.keyring.ensure()
+        self.keyring.envelope()  # fail at start, not on first use, if the keyring is unreadable
+        self.verifier = TokenVerifier(verification_keys(settings))
+        self.store = SqliteStore(settings.database_path)
+        self.audit = AuditLog(settings.audit_log_path)
+        self.secrets = SecretsService(self.store, self.keyring, self.audit, max_value_bytes=settings.max_value_bytes)
+        self.requests = RequestService(
+            self.store,
+            self.secrets,
+            LocalNotifier(),
+            self.audit,
+            listener_grace=settings.listener_grace,
+            sweep_interval=settings.sweep_interval,
+        )
+        self.health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        host = self.settings.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        server = grpc.aio.server(options=server_options(self.settings))
+        room_secrets_pb2_grpc.add_RoomSecretsServicer_to_server(
+            RoomSecretsServicer(self.verifier, self.secrets, self.requests, OAuthService()), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [ROOM_SECRETS, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            server,
+        )
+        self.port = self._bind(server)
+        await server.start()
+        self._server = server
+        self.audit.start()
+        self.requests.start()
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(ROOM_SECRETS, health_pb2.HealthCheckResponse.SERVING)
+
+    def _bind(self, server: grpc.aio.Server) -> int:
+        s = self.settings
+        if s.tls_cert and s.tls_key:
+            credentials = grpc.ssl_server_credentials(
+                [(s.tls_key.read_bytes(), s.tls_cert.read_bytes())],
+                root_certificates=s.tls_client_ca.read_bytes() if s.tls_client_ca else None,
+                require_client_auth=s.tls_client_ca is not None,
+            )
+            port = server.add_secure_port(s.listen, credentials)
+        else:
+            port = server.add_insecure_port(s.listen)
+        if port == 0:
+            raise OSError(f"could not bind {s.listen}")
+        return port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful: report NOT_SERVING, end WatchRequests streams, let calls in flight finish."""
+        await self.health.enter_graceful_shutdown()
+        await self.requests.stop()
+        if self._server is not None:
+            await self._server.stop(self.settings.shutdown_grace if grace is None else grace)
+            self._server = None
+        await self.store.close()
+        await self.audit.close()
+
+
+async def serve(settings: Settings, on_ready: Callable[[RoomSecretsServer], None] | None = None) -> None:
+    """Run until SIGINT/SIGTERM, then shut down gracefully."""
+    server = RoomSecretsServer(settings)
+    await server.start()
+    if on_ready:
+        on_ready(server)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await server.stop()

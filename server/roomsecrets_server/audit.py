@@ -1,0 +1,74 @@
+"""The audit log: one JSON line per action — who did what to which secret or request id.
+
+It never receives values, tokens or keys: its API takes only identities, ids and outcomes.
+Lines are buffered and flushed every half second (and on close), so auditing costs the hot
+path a dict and a list append, not a write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import IO
+
+
+class AuditLog:
+    FLUSH_SECONDS = 0.5
+
+    def __init__(self, path: Path | None) -> None:
+        self._file: IO[str] | None = path.open("a", encoding="utf-8") if path else None
+        self._buffer: list[str] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def record(
+        self,
+        action: str,
+        *,
+        room: str,
+        actor: str,
+        outcome: str = "ok",
+        secret_id: str = "",
+        owner: str = "",
+        delegated_to: str = "",
+        request_id: str = "",
+        target: str = "",
+    ) -> None:
+        if self._file is None:
+            return
+        entry = {"ts": round(time.time(), 6), "action": action, "room": room, "actor": actor, "outcome": outcome}
+        for key, value in (
+            ("secret_id", secret_id),
+            ("owner", owner),
+            ("delegated_to", delegated_to),
+            ("request_id", request_id),
+            ("target", target),
+        ):
+            if value:
+                entry[key] = value
+        self._buffer.append(json.dumps(entry, separators=(",", ":")))
+
+    def start(self) -> None:
+        if self._file is not None and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._flush_periodically())
+
+    def flush(self) -> None:
+        if self._file is not None and self._buffer:
+            lines, self._buffer = self._buffer, []
+            self._file.write("\n".join(lines) + "\n")
+            self._file.flush()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        self.flush()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    async def _flush_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.FLUSH_SECONDS)
+            self.flush()

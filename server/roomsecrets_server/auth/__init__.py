@@ -1,0 +1,1 @@
+"""Participant tokens: verification (tokens.py), grants (principal.py), the dev signing key (dev_key.py)."""

@@ -1,0 +1,64 @@
+"""The HS256 development signing key, created in the data dir on first run (mode 0600), and a
+token minter for it (`roomsecrets token`). Production deployments verify with public keys instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import jwt
+
+from ..files import write_private
+
+DEV_KEY_FILE = "signing-key.json"
+
+
+def ensure_dev_key(data_dir: Path) -> tuple[str, bytes]:
+    """(kid, secret) of the dev key, creating it if absent."""
+    path = data_dir / DEV_KEY_FILE
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        doc = {"kid": f"dev-{secrets.token_hex(4)}", "secret": base64.b64encode(secrets.token_bytes(32)).decode()}
+        write_private(path, json.dumps(doc))
+    doc = json.loads(path.read_text())
+    return str(doc["kid"]), base64.b64decode(doc["secret"])
+
+
+def mint_token(
+    data_dir: Path,
+    *,
+    identity: str,
+    room: str,
+    project: str = "dev-project",
+    role: str = "user",
+    secrets_grant: bool = True,
+    admin: bool = False,
+    ttl: int = 3600,
+    request_oauth_token: list[dict[str, str]] | None = None,
+) -> str:
+    kid, key = ensure_dev_key(data_dir)
+    api: dict[str, Any] = {}
+    if secrets_grant:
+        api["secrets"] = {} if request_oauth_token is None else {"request_oauth_token": request_oauth_token}
+    if admin:
+        api["admin"] = {"config": True}
+    now = int(time.time())
+    claims = {
+        "name": identity,
+        "sub": project,
+        "kid": kid,
+        "iat": now,
+        "exp": now + ttl,
+        "version": "1.0",
+        "grants": [
+            {"name": "room", "scope": room},
+            {"name": "role", "scope": role},
+            {"name": "api", "scope": api},
+        ],
+    }
+    return jwt.encode(claims, key, algorithm="HS256", headers={"kid": kid})

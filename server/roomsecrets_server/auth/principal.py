@@ -1,0 +1,112 @@
+"""Who is calling, as read from a verified participant token (claims shaped like the reference's).
+
+Token claims: `name` (identity), `sub` (project id), `kid`, `exp`, and `grants`, a list of
+`{name, scope}`: `room` (room name), `role` (user | agent | tool), `api` ({"secrets": {...},
+"admin": {...}}). `api.secrets.request_oauth_token` optionally lists `{endpoint, client_id}`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import PermissionDenied, Unauthenticated
+
+ROLES = ("user", "agent", "tool")
+
+
+@dataclass(frozen=True, slots=True)
+class OAuthEndpoint:
+    endpoint: str
+    client_id: str
+
+    def allows(self, endpoint: str, client_id: str) -> bool:
+        if client_id != self.client_id:
+            return False
+        if self.endpoint.endswith("*"):
+            return endpoint.startswith(self.endpoint[:-1])
+        return endpoint == self.endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class SecretsGrant:
+    # None = any OAuth request allowed; () = none allowed.
+    request_oauth_token: tuple[OAuthEndpoint, ...] | None = None
+
+    def can_request_oauth_token(self, endpoint: str, client_id: str) -> bool:
+        if self.request_oauth_token is None:
+            return True
+        return any(e.allows(endpoint, client_id) for e in self.request_oauth_token)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    identity: str
+    project: str
+    room: str
+    role: str
+    secrets: SecretsGrant | None
+    admin: bool
+    expires_at: float
+
+    def require_secrets(self) -> SecretsGrant:
+        if self.secrets is None:
+            raise PermissionDenied("token has no 'secrets' API grant")
+        return self.secrets
+
+    def require_room_admin(self, what: str) -> None:
+        if not self.admin:
+            raise PermissionDenied(f"{what} needs the room 'admin' API grant")
+
+
+def _scope(grants: list[Any], name: str) -> Any:
+    for grant in grants:
+        if isinstance(grant, Mapping) and grant.get("name") == name:
+            return grant.get("scope")
+    return None
+
+
+def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
+    identity = claims.get("name")
+    if not isinstance(identity, str) or not identity:
+        raise Unauthenticated("token has no 'name' claim (the participant identity)")
+    grants = claims.get("grants", [])
+    if not isinstance(grants, list):
+        raise Unauthenticated("token 'grants' claim must be a list")
+    room = _scope(grants, "room")
+    if not isinstance(room, str) or not room:
+        raise Unauthenticated("token has no 'room' grant")
+    role = _scope(grants, "role") or "user"
+    if role not in ROLES:
+        raise Unauthenticated(f"token 'role' grant must be one of {', '.join(ROLES)}")
+    api = _scope(grants, "api") or {}
+    if not isinstance(api, Mapping):
+        raise Unauthenticated("token 'api' grant must be an object")
+    return Principal(
+        identity=identity,
+        project=str(claims.get("sub", "")),
+        room=room,
+        role=str(role),
+        secrets=_secrets_grant(api.get("secrets")),
+        admin=api.get("admin") is not None,
+        expires_at=float(claims["exp"]),
+    )
+
+
+def _secrets_grant(raw: Any) -> SecretsGrant | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise Unauthenticated("token 'api.secrets' grant must be an object")
+    entries = raw.get("request_oauth_token")
+    if entries is None:
+        return SecretsGrant()
+    if not isinstance(entries, list):
+        raise Unauthenticated("token 'api.secrets.request_oauth_token' must be a list")
+    parsed = []
+    for entry in entries:
+        if not isinstance(entry, Mapping) or not entry.get("endpoint") or not entry.get("client_id"):
+            raise Unauthenticated("each 'request_oauth_token' entry needs 'endpoint' and 'client_id'")
+        parsed.append(OAuthEndpoint(str(entry["endpoint"]), str(entry["client_id"])))
+    return SecretsGrant(tuple(parsed))

@@ -1,0 +1,80 @@
+"""Server settings: command-line flags over environment variables (ROOMSECRETS_*) over defaults."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_MAX_VALUE_BYTES = 1024 * 1024
+# Room for the value plus its envelope (ids, names, metadata) in one message.
+MESSAGE_OVERHEAD_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path
+    listen: str = DEFAULT_LISTEN
+    max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
+    # How long a request waits for the asked participant to open a WatchRequests stream, and
+    # how long a participant may be gone before its pending requests are cancelled.
+    listener_grace: float = 3.0
+    shutdown_grace: float = 5.0
+    sweep_interval: float = 1.0
+    # Extra token verification keys: PEM public key files (kid = file stem) and JWKS files.
+    jwt_public_keys: tuple[Path, ...] = ()
+    jwks_files: tuple[Path, ...] = ()
+    # Accept tokens signed with the dev key in the data dir (the embedded default).
+    dev_signing_key: bool = True
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # set: mutual TLS, client certificates required
+    allow_insecure_remote: bool = False  # plaintext on a non-loopback address
+    audit_log: Path | None = field(default=None)
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_value_bytes + MESSAGE_OVERHEAD_BYTES
+
+    @property
+    def keyring_path(self) -> Path:
+        return self.data_dir / "keyring.json"
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "roomsecrets.db"
+
+    @property
+    def audit_log_path(self) -> Path:
+        return self.audit_log or self.data_dir / "audit.log"
+
+    def check(self) -> None:
+        if self.max_value_bytes <= 0:
+            raise ValueError("max_value_bytes must be positive")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("TLS needs both a certificate and a key")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("mutual TLS (client CA) needs a server certificate and key")
+        if not self.tls_cert and not self.allow_insecure_remote and not is_loopback(self.listen):
+            raise ValueError(
+                f"refusing plaintext on non-loopback address {self.listen}: configure TLS "
+                "or pass --allow-insecure-remote"
+            )
+        if not self.dev_signing_key and not (self.jwt_public_keys or self.jwks_files):
+            raise ValueError("no token verification keys: enable the dev key or configure public keys")
+
+
+def is_loopback(listen: str) -> bool:
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("ROOMSECRETS_DATA_DIR", ".data"))

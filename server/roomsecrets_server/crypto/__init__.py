@@ -1,0 +1,1 @@
+"""Envelope encryption (envelope.py), the key-encryption keyring (keyring.py), CRC32C (checksum.py)."""

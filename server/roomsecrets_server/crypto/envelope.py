@@ -1,0 +1,95 @@
+"""Envelope encryption: AES-256-GCM under a fresh data key per value, the data key wrapped by a
+key-encryption key (KEK) from the keyring.
+
+The value's ciphertext is bound to its place by associated data, so a sealed blob copied to
+another row fails to open. Sealed layout (version 1):
+
+    0x01 | len(kek_id) u8 | kek_id | wrap_nonce(12) | wrapped_dek(32+16) | nonce(12) | ciphertext+tag
+
+Rewrapping replaces only the KEK part; the value ciphertext is untouched. One exception type:
+IntegrityError (from ..errors), raised for every failure to open.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from ..errors import IntegrityError
+
+_VERSION = 1
+_NONCE = 12
+_WRAPPED_DEK = 32 + 16
+
+
+def place(*parts: str) -> bytes:
+    """Associated data naming where a value lives. Length-prefixed, so parts cannot run together."""
+    out = bytearray(b"roomsecrets.v1")
+    for part in parts:
+        raw = part.encode()
+        out += len(raw).to_bytes(4, "big") + raw
+    return bytes(out)
+
+
+class Envelope:
+    """Seals and opens values with the KEKs of a keyring; new seals use `active_kek_id`."""
+
+    def __init__(self, keks: Mapping[str, bytes], active_kek_id: str) -> None:
+        if active_kek_id not in keks:
+            raise ValueError("active key-encryption key is not in the keyring")
+        for kek_id, key in keks.items():
+            if len(key) != 32 or not 0 < len(kek_id.encode()) < 256:
+                raise ValueError("key-encryption keys must be 32 bytes with a short id")
+        self._keks = {kek_id: AESGCM(key) for kek_id, key in keks.items()}
+        self.active_kek_id = active_kek_id
+
+    def seal(self, plaintext: bytes, aad: bytes) -> bytes:
+        dek = AESGCM.generate_key(bit_length=256)
+        nonce = os.urandom(_NONCE)
+        ciphertext = AESGCM(dek).encrypt(nonce, plaintext, aad)
+        return self._wrap(self.active_kek_id, dek) + nonce + ciphertext
+
+    def open(self, sealed: bytes, aad: bytes) -> bytes:
+        kek_id, dek, body = self._unwrap(sealed)
+        try:
+            return AESGCM(dek).decrypt(body[:_NONCE], body[_NONCE:], aad)
+        except InvalidTag:
+            raise IntegrityError("stored value failed its integrity check") from None
+
+    def rewrap(self, sealed: bytes) -> bytes:
+        """The same value re-wrapped under the active KEK (no change if already under it)."""
+        kek_id, dek, body = self._unwrap(sealed)
+        if kek_id == self.active_kek_id:
+            return sealed
+        return self._wrap(self.active_kek_id, dek) + body
+
+    @staticmethod
+    def kek_id_of(sealed: bytes) -> str:
+        if len(sealed) < 2 or sealed[0] != _VERSION:
+            raise IntegrityError("stored value has an unknown format")
+        return sealed[2 : 2 + sealed[1]].decode()
+
+    def _wrap(self, kek_id: str, dek: bytes) -> bytes:
+        raw_id = kek_id.encode()
+        header = bytes([_VERSION, len(raw_id)]) + raw_id
+        nonce = os.urandom(_NONCE)
+        return header + nonce + self._keks[kek_id].encrypt(nonce, dek, header)
+
+    def _unwrap(self, sealed: bytes) -> tuple[str, bytes, bytes]:
+        kek_id = self.kek_id_of(sealed)
+        header_len = 2 + sealed[1]
+        kek = self._keks.get(kek_id)
+        if kek is None:
+            raise IntegrityError(f"stored value is sealed under unknown key-encryption key {kek_id!r}")
+        wrap_end = header_len + _NONCE + _WRAPPED_DEK
+        if len(sealed) < wrap_end + _NONCE + 16:
+            raise IntegrityError("stored value is truncated")
+        nonce = sealed[header_len : header_len + _NONCE]
+        try:
+            dek = kek.decrypt(nonce, sealed[header_len + _NONCE : wrap_end], sealed[:header_len])
+        except InvalidTag:
+            raise IntegrityError("stored data key failed its integrity check") from None
+        return kek_id, dek, sealed[wrap_end:]

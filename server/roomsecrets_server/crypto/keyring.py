@@ -1,0 +1,75 @@
+"""The key-encryption keyring file: created on first run (mode 0600), rotated by `rewrap --rotate`.
+
+File format (JSON): {"active": "<id>", "keys": [{"id": "<id>", "key": "<base64 32 bytes>",
+"created": <unix seconds>}]}. The newest key is active; older keys stay to open old values.
+A running server reloads the file when it changes (checked at most once a second), so a
+rotation done by the CLI is picked up without a restart.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import time
+from pathlib import Path
+
+from ..files import write_private
+from .envelope import Envelope
+
+def _new_key_entry() -> dict[str, object]:
+    return {
+        "id": f"kek-{time.strftime('%Y%m%d')}-{secrets.token_hex(4)}",
+        "key": base64.b64encode(secrets.token_bytes(32)).decode(),
+        "created": int(time.time()),
+    }
+
+
+class KeyringFile:
+    """Loads the keyring into an Envelope, creating the file on first use."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._mtime_ns = -1
+        self._checked = 0.0
+        self._envelope: Envelope | None = None
+
+    def ensure(self) -> None:
+        if not self.path.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            entry = _new_key_entry()
+            write_private(self.path, json.dumps({"active": entry["id"], "keys": [entry]}, indent=2))
+
+    def envelope(self) -> Envelope:
+        """The current envelope; re-reads the file if it changed (at most one stat a second)."""
+        now = time.monotonic()
+        if self._envelope is None or now - self._checked >= 1.0:
+            self._checked = now
+            mtime = self.path.stat().st_mtime_ns
+            if self._envelope is None or mtime != self._mtime_ns:
+                self._envelope = self._load()
+                self._mtime_ns = mtime
+        return self._envelope
+
+    def reload(self) -> Envelope:
+        self._envelope = None
+        return self.envelope()
+
+    def rotate(self) -> str:
+        """Add a new key and make it active. Returns its id."""
+        doc = json.loads(self.path.read_text())
+        entry = _new_key_entry()
+        doc["keys"].append(entry)
+        doc["active"] = entry["id"]
+        write_private(self.path, json.dumps(doc, indent=2))
+        self.reload()
+        return str(entry["id"])
+
+    def _load(self) -> Envelope:
+        mode = self.path.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise PermissionError(f"{self.path} must not be readable by group or others (mode {mode:o})")
+        doc = json.loads(self.path.read_text())
+        keys = {str(k["id"]): base64.b64decode(k["key"]) for k in doc["keys"]}
+        return Envelope(keys, str(doc["active"]))

@@ -1,0 +1,25 @@
+"""Private files in the data dir (keys): created with mode 0600 from the first byte."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PRIVATE_MODE = 0o600
+
+
+def write_private(path: Path, payload: str) -> None:
+    """Write atomically and durably with mode 0600 (never briefly readable by others)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_MODE)
+    try:
+        os.write(fd, payload.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

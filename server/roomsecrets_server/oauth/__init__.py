@@ -1,0 +1,1 @@
+"""OAuth flows (request_oauth_token, provide/reject authorization, offline tokens)."""

@@ -1,0 +1,1 @@
+"""Request -> provide | reject flows and the WatchRequests event stream."""

@@ -1,0 +1,166 @@
+"""Wake-ups and presence for request flows.
+
+The store is the source of truth for request state; the notifier only says "look again" and
+who is listening. LocalNotifier does this inside one process. A multi-replica deployment
+replaces it with one that relays the same calls between processes (e.g. PostgreSQL
+LISTEN/NOTIFY) — the Notifier protocol below is the whole contract.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..store import RequestRecord, RequestState
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOpened:
+    record: RequestRecord
+
+
+@dataclass(frozen=True, slots=True)
+class RequestClosed:
+    request_id: str
+    state: RequestState
+    reason: str
+
+
+Event = RequestOpened | RequestClosed
+
+
+class Subscription:
+    """Events for one WatchRequests stream. Iteration ends when the notifier closes."""
+
+    def __init__(self, room: str, identity: str) -> None:
+        self.room = room
+        self.identity = identity
+        self._queue: asyncio.Queue[Event | None] = asyncio.Queue()
+
+    def push(self, event: Event | None) -> None:
+        self._queue.put_nowait(event)
+
+    async def events(self) -> AsyncIterator[Event]:
+        while True:
+            event = await self._queue.get()
+            if event is None:
+                return
+            yield event
+
+
+class RequestWatch:
+    """Wakes a waiter whenever its request changes; registered before the waiter reads state,
+    so no change between read and wait is missed."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+
+    async def wait(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._event.wait(), timeout)
+        except TimeoutError:
+            return
+        self._event.clear()
+
+
+class Notifier(Protocol):
+    def subscribe(self, room: str, identity: str) -> Subscription: ...
+    def unsubscribe(self, subscription: Subscription) -> None: ...
+    def listening(self, room: str, identity: str) -> bool: ...
+    async def wait_listening(self, room: str, identity: str, timeout: float) -> bool: ...
+    def publish(self, room: str, identity: str, event: Event) -> None: ...
+    def watch_request(self, request_id: str) -> AbstractContextManager[RequestWatch]: ...
+    def request_changed(self, request_id: str) -> None: ...
+    def on_stopped_listening(self, callback: Callable[[str, str], None]) -> None: ...
+    def close(self) -> None: ...
+
+
+class LocalNotifier:
+    def __init__(self) -> None:
+        self._subscriptions: dict[tuple[str, str], set[Subscription]] = defaultdict(set)
+        self._listen_waiters: dict[tuple[str, str], set[asyncio.Event]] = defaultdict(set)
+        self._watches: dict[str, set[RequestWatch]] = defaultdict(set)
+        self._stopped_listening: list[Callable[[str, str], None]] = []
+        self._closed = False
+
+    def subscribe(self, room: str, identity: str) -> Subscription:
+        subscription = Subscription(room, identity)
+        if self._closed:
+            subscription.push(None)
+            return subscription
+        self._subscriptions[(room, identity)].add(subscription)
+        for waiter in self._listen_waiters.pop((room, identity), set()):
+            waiter.set()
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        key = (subscription.room, subscription.identity)
+        subs = self._subscriptions.get(key)
+        if subs is None:
+            return
+        subs.discard(subscription)
+        if not subs:
+            del self._subscriptions[key]
+            for callback in self._stopped_listening:
+                callback(*key)
+
+    def listening(self, room: str, identity: str) -> bool:
+        return bool(self._subscriptions.get((room, identity)))
+
+    async def wait_listening(self, room: str, identity: str, timeout: float) -> bool:
+        if self.listening(room, identity):
+            return True
+        if timeout <= 0:
+            return False
+        waiter = asyncio.Event()
+        self._listen_waiters[(room, identity)].add(waiter)
+        try:
+            await asyncio.wait_for(waiter.wait(), timeout)
+        except TimeoutError:
+            pass
+        finally:
+            waiters = self._listen_waiters.get((room, identity))
+            if waiters is not None:
+                waiters.discard(waiter)
+                if not waiters:
+                    del self._listen_waiters[(room, identity)]
+        return self.listening(room, identity)
+
+    def publish(self, room: str, identity: str, event: Event) -> None:
+        for subscription in self._subscriptions.get((room, identity), ()):
+            subscription.push(event)
+
+    @contextmanager
+    def watch_request(self, request_id: str) -> Iterator[RequestWatch]:
+        watch = RequestWatch()
+        self._watches[request_id].add(watch)
+        try:
+            yield watch
+        finally:
+            watches = self._watches.get(request_id)
+            if watches is not None:
+                watches.discard(watch)
+                if not watches:
+                    del self._watches[request_id]
+
+    def request_changed(self, request_id: str) -> None:
+        for watch in self._watches.get(request_id, ()):
+            watch.notify()
+
+    def on_stopped_listening(self, callback: Callable[[str, str], None]) -> None:
+        self._stopped_listening.append(callback)
+
+    def close(self) -> None:
+        """End every stream (graceful shutdown)."""
+        self._closed = True
+        for subs in self._subscriptions.values():
+            for subscription in subs:
+                subscription.push(None)
+        self._subscriptions.clear()

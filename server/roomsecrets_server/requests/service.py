@@ -1,0 +1,321 @@
+"""Request -> provide | reject: the stateful, durable flow between two participants.
+
+A asks B (`request_secret`): a pending request (id, from, to, url, type, delegate_to, deadline)
+is stored, then pushed on B's WatchRequests stream(s). B answers with `provide_secret` (the value
+is stored encrypted as B's secret keyed by (type, name=url), delegated to `delegate_to`, in the
+same transaction that closes the request) or `reject_secret`. Exactly one answer wins.
+
+Nothing waits forever: A's wait is bounded by the timeout and its call deadline; a cancelled
+call cancels the request; a request to someone with no open stream fails fast (after a short
+grace); when B's last stream closes and B does not come back within the grace, B's pending
+requests are cancelled; a sweeper expires whatever is left past its deadline (e.g. after a
+restart). Store first, then notify: the store is the truth, notifications only wake readers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
+
+from .. import validate
+from ..audit import AuditLog
+from ..auth.principal import Principal
+from ..errors import (
+    AlreadyExists,
+    EtagMismatch,
+    FailedPrecondition,
+    NotFound,
+    PermissionDenied,
+    RequestRejected,
+    RequestTimedOut,
+)
+from ..secrets.service import SecretsService, SecretValue
+from ..store import ABSENT, RequestRecord, RequestState, SecretKey, Store, WriteCondition
+from .notifier import Event, Notifier, RequestClosed, RequestOpened
+
+log = logging.getLogger(__name__)
+
+SECRET = "secret"
+OAUTH = "oauth"
+
+
+class WatchReady:
+    """Marks the end of the replay on a WatchRequests stream."""
+
+    def __init__(self, pending: int) -> None:
+        self.pending = pending
+
+
+class RequestService:
+    def __init__(
+        self,
+        store: Store,
+        secrets: SecretsService,
+        notifier: Notifier,
+        audit: AuditLog,
+        *,
+        listener_grace: float,
+        sweep_interval: float = 1.0,
+    ) -> None:
+        self._store = store
+        self._secrets = secrets
+        self._notifier = notifier
+        self._audit = audit
+        self.listener_grace = listener_grace
+        self._sweep_interval = sweep_interval
+        self._waiters: Counter[str] = Counter()  # local requesters waiting on each request
+        self._tasks: set[asyncio.Task[Any]] = set()
+        notifier.on_stopped_listening(self._stopped_listening)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._spawn(self._sweep_forever())
+
+    async def stop(self) -> None:
+        self._notifier.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- asking -------------------------------------------------------------------------------
+    async def request_secret(
+        self,
+        p: Principal,
+        *,
+        target: str,
+        url: str,
+        type_: str,
+        timeout: int,
+        delegate_to: str,
+        call_time_remaining: float | None,
+    ) -> tuple[str, SecretValue]:
+        p.require_secrets()
+        target = validate.identity(target, "from_participant_id", required=True)
+        url = validate.text(url, "url", validate.MAX_URL, required=True)
+        type_ = validate.secret_type(type_)
+        timeout = validate.timeout(timeout)
+        delegate_to = validate.identity(delegate_to, "delegate_to")
+
+        # Provided earlier and delegated to the caller: answer from storage, without a prompt
+        # (DeleteRequestedSecret forces a new one).
+        if delegate_to and delegate_to == p.identity:
+            found = await self._store.find_secrets(p.room, target, delegate_to, type_, url)
+            if found:
+                value = SecretValue(found[0], self._secrets.open(found[0]))
+                self._audit.record("request_secret", room=p.room, actor=p.identity, outcome="from_store",
+                                   secret_id=found[0].key.secret_id, owner=target, delegated_to=delegate_to)
+                return "", value
+
+        wait = float(timeout) if call_time_remaining is None else min(float(timeout), call_time_remaining)
+        record = await self._store.find_pending_request(p.room, p.identity, target, SECRET, url, type_, delegate_to)
+        if record is None:
+            record = await self._open(p, SECRET, target, url, type_, delegate_to, wait)
+        else:  # the same question is already pending (e.g. asked again after a restart): join it
+            self._audit.record("request_secret", room=p.room, actor=p.identity, outcome="joined",
+                               request_id=record.request_id, target=target)
+        closed = await self._await_answer(record, time.time() + wait)
+        return record.request_id, await self._provided_value(closed)
+
+    async def _open(
+        self, p: Principal, kind: str, target: str, url: str, type_: str, delegate_to: str, wait: float,
+        params: bytes = b"",
+    ) -> RequestRecord:
+        action = f"request_{kind}"
+        if not await self._notifier.wait_listening(p.room, target, min(self.listener_grace, wait)):
+            self._audit.record(action, room=p.room, actor=p.identity, outcome="not_listening", target=target)
+            raise FailedPrecondition(
+                f"participant {target!r} is not listening for requests (no open WatchRequests stream)",
+                reason="NOT_LISTENING",
+            )
+        now = time.time()
+        record = RequestRecord(
+            request_id=uuid.uuid4().hex,
+            room=p.room,
+            kind=kind,
+            requested_by=p.identity,
+            target=target,
+            url=url,
+            type=type_,
+            delegate_to=delegate_to,
+            state=RequestState.PENDING,
+            reason="",
+            created=now,
+            deadline=now + wait,
+            params=params,
+        )
+        await self._store.create_request(record)
+        self._notifier.publish(p.room, target, RequestOpened(record))
+        self._audit.record(action, room=p.room, actor=p.identity, outcome="pending",
+                           request_id=record.request_id, target=target)
+        return record
+
+    async def _await_answer(self, record: RequestRecord, my_deadline: float) -> RequestRecord:
+        request_id = record.request_id
+        self._waiters[request_id] += 1
+        try:
+            with self._notifier.watch_request(request_id) as watch:
+                while True:
+                    current = await self._store.get_request(request_id)
+                    if current is None:
+                        raise NotFound(f"request {request_id} not found")
+                    if current.state is not RequestState.PENDING:
+                        return current
+                    now = time.time()
+                    if now >= my_deadline:
+                        if now >= current.deadline - 0.001 and not await self._close(
+                            current, RequestState.EXPIRED, "timed out"
+                        ):
+                            continue  # answered at the last moment: use the answer
+                        raise RequestTimedOut(
+                            f"request {request_id} to {current.target!r} timed out", reason="REQUEST_EXPIRED"
+                        )
+                    await watch.wait(min(my_deadline, current.deadline) - now)
+        except asyncio.CancelledError:
+            if self._waiters[request_id] == 1:  # nobody else here is waiting for this answer
+                expired = time.time() >= my_deadline - 0.05
+                state = RequestState.EXPIRED if expired else RequestState.CANCELLED
+                self._spawn(self._close(record, state, "timed out" if expired else "requester cancelled"))
+            raise
+        finally:
+            self._waiters[request_id] -= 1
+            if self._waiters[request_id] <= 0:
+                del self._waiters[request_id]
+
+    async def _provided_value(self, closed: RequestRecord) -> SecretValue:
+        if closed.state is RequestState.PROVIDED:
+            key = SecretKey(closed.room, closed.target, closed.delegate_to, closed.secret_id)
+            stored = await self._store.get_secret(key)
+            if stored is None:
+                raise FailedPrecondition(f"the secret provided for request {closed.request_id} was deleted")
+            return SecretValue(stored, self._secrets.open(stored))
+        raise self.outcome_error(closed)
+
+    @staticmethod
+    def outcome_error(closed: RequestRecord) -> Exception:
+        if closed.state is RequestState.REJECTED:
+            return RequestRejected(f"{closed.target!r} rejected request {closed.request_id}: {closed.reason}")
+        if closed.state is RequestState.EXPIRED:
+            return RequestTimedOut(f"request {closed.request_id} to {closed.target!r} timed out")
+        return FailedPrecondition(f"request {closed.request_id} was cancelled: {closed.reason}",
+                                  reason="REQUEST_CANCELLED")
+
+    # -- answering ----------------------------------------------------------------------------
+    async def provide_secret(self, p: Principal, *, request_id: str, data: bytes, data_crc32c: int | None) -> None:
+        p.require_secrets()
+        validate.secret_id(request_id, "request_id")
+        self._secrets.check_data(data, data_crc32c)
+        record = await self.answerable(p, request_id, SECRET)
+        for _ in range(4):
+            found = await self._store.find_secrets(p.room, record.target, record.delegate_to, record.type, record.url)
+            existing = found[0] if found else None
+            key = existing.key if existing else SecretKey(p.room, record.target, record.delegate_to, uuid.uuid4().hex)
+            secret = self._secrets.seal(key, record.type, record.url, data)
+            condition = WriteCondition(etag=existing.etag) if existing else ABSENT
+            try:
+                won = await self._store.close_request(
+                    request_id, RequestState.PROVIDED, "", secret=secret, secret_condition=condition
+                )
+            except (EtagMismatch, AlreadyExists):
+                continue  # the stored secret changed under us; look again
+            if not won:
+                raise self._not_pending(await self._store.get_request(request_id))
+            self._closed(record, RequestState.PROVIDED, "")
+            self._audit.record("provide_secret", room=p.room, actor=p.identity, request_id=request_id,
+                               secret_id=key.secret_id, owner=record.target, delegated_to=record.delegate_to)
+            return
+        raise FailedPrecondition(f"request {request_id}: the stored secret keeps changing; try again")
+
+    async def reject(self, p: Principal, *, request_id: str, error: str, kind: str) -> None:
+        p.require_secrets()
+        validate.secret_id(request_id, "request_id")
+        reason = validate.text(error, "error", validate.MAX_REASON) or "rejected"
+        record = await self.answerable(p, request_id, kind)
+        if not await self._close(record, RequestState.REJECTED, reason):
+            raise self._not_pending(await self._store.get_request(request_id))
+        self._audit.record(f"reject_{kind}", room=p.room, actor=p.identity, request_id=request_id)
+
+    async def answerable(self, p: Principal, request_id: str, kind: str) -> RequestRecord:
+        """The pending request `request_id`, if the caller is the participant it asks."""
+        record = await self._store.get_request(request_id)
+        if record is None or record.room != p.room:
+            raise NotFound(f"request {request_id} not found")
+        if record.target != p.identity:
+            self._audit.record(f"answer_{kind}", room=p.room, actor=p.identity, outcome="denied",
+                               request_id=request_id)
+            raise PermissionDenied(f"request {request_id} is addressed to another participant; only they may answer")
+        if record.kind != kind:
+            raise FailedPrecondition(f"request {request_id} is a {record.kind} request, not a {kind} request")
+        if record.state is not RequestState.PENDING:
+            raise self._not_pending(record)
+        if record.deadline <= time.time():
+            await self._close(record, RequestState.EXPIRED, "timed out")
+            raise FailedPrecondition(f"request {request_id} has expired", reason="REQUEST_NOT_PENDING")
+        return record
+
+    @staticmethod
+    def _not_pending(record: RequestRecord | None) -> FailedPrecondition:
+        state = record.state.value if record else "gone"
+        request_id = record.request_id if record else ""
+        return FailedPrecondition(f"request {request_id} is no longer pending ({state})", reason="REQUEST_NOT_PENDING")
+
+    # -- the inbound stream -------------------------------------------------------------------
+    async def watch(self, p: Principal) -> AsyncIterator[Event | WatchReady]:
+        p.require_secrets()
+        subscription = self._notifier.subscribe(p.room, p.identity)  # first, so nothing slips by
+        self._audit.record("watch_requests", room=p.room, actor=p.identity)
+        try:
+            pending = await self._store.pending_requests_for(p.room, p.identity, time.time())
+            seen = {r.request_id for r in pending}
+            for record in pending:
+                yield RequestOpened(record)
+            yield WatchReady(len(pending))
+            async for event in subscription.events():
+                if isinstance(event, RequestOpened):
+                    if event.record.request_id in seen:
+                        continue
+                    seen.add(event.record.request_id)
+                yield event
+        finally:
+            self._notifier.unsubscribe(subscription)
+
+    # -- closing ------------------------------------------------------------------------------
+    async def _close(self, record: RequestRecord, state: RequestState, reason: str) -> bool:
+        if not await self._store.close_request(record.request_id, state, reason):
+            return False
+        self._closed(record, state, reason)
+        return True
+
+    def _closed(self, record: RequestRecord, state: RequestState, reason: str) -> None:
+        self._notifier.request_changed(record.request_id)
+        self._notifier.publish(record.room, record.target, RequestClosed(record.request_id, state, reason))
+        if state in (RequestState.EXPIRED, RequestState.CANCELLED):
+            self._audit.record(f"request_{record.kind}", room=record.room, actor=record.requested_by,
+                               outcome=state.value, request_id=record.request_id, target=record.target)
+
+    def _stopped_listening(self, room: str, identity: str) -> None:
+        self._spawn(self._cancel_if_still_away(room, identity))
+
+    async def _cancel_if_still_away(self, room: str, identity: str) -> None:
+        if await self._notifier.wait_listening(room, identity, self.listener_grace):
+            return
+        for record in await self._store.pending_requests_for(room, identity, time.time()):
+            await self._close(record, RequestState.CANCELLED, f"participant {identity!r} stopped listening")
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._sweep_interval)
+            try:
+                for record in await self._store.expire_due(time.time()):
+                    self._closed(record, RequestState.EXPIRED, "timed out")
+            except Exception:
+                log.exception("request expiry sweep failed")
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

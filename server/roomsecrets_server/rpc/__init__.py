@@ -1,0 +1,1 @@
+"""gRPC adapters: protobuf in, domain call, protobuf out."""

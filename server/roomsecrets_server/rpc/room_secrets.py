@@ -1,0 +1,248 @@
+"""roomsecrets.v1.RoomSecrets: each handler authenticates, calls one domain method and builds the
+reply. Errors are turned into statuses by the decorators, through the table in errors.py."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from roomsecrets.v1 import room_secrets_pb2 as pb
+from roomsecrets.v1 import room_secrets_pb2_grpc as pb_grpc
+
+from ..auth.principal import Principal
+from ..auth.tokens import TokenVerifier
+from ..errors import DomainError
+from ..oauth.service import OAuthService
+from ..requests.notifier import RequestClosed, RequestOpened
+from ..requests.service import RequestService, WatchReady
+from ..secrets.service import SecretsService
+from ..store import RequestRecord, RequestState, SecretRecord
+from .errors import to_status
+
+log = logging.getLogger(__name__)
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Handler = Callable[[Any, Req, Principal, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]]
+
+_STATES = {
+    RequestState.PENDING: pb.REQUEST_STATE_PENDING,
+    RequestState.PROVIDED: pb.REQUEST_STATE_PROVIDED,
+    RequestState.REJECTED: pb.REQUEST_STATE_REJECTED,
+    RequestState.EXPIRED: pb.REQUEST_STATE_EXPIRED,
+    RequestState.CANCELLED: pb.REQUEST_STATE_CANCELLED,
+}
+
+
+def authorization(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return str(value)
+    return None
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: Exception) -> None:
+    if isinstance(error, DomainError):
+        await context.abort_with_status(to_status(error))
+    log.exception("unexpected error in %s", type(error).__name__, exc_info=error)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+
+def unary(method: Handler[Req, Resp]) -> Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]]:
+    @functools.wraps(method)
+    async def handler(self: RoomSecretsServicer, request: Req, context: grpc.aio.ServicerContext[Any, Any]) -> Resp:
+        try:
+            principal = self.verifier.authenticate(authorization(context))
+            return await method(self, request, principal, context)
+        except Exception as error:  # noqa: BLE001 - every error becomes a status here
+            await _abort(context, error)
+            raise  # unreachable: abort raises
+
+    return handler
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    whole = int(seconds)
+    return Timestamp(seconds=whole, nanos=int((seconds - whole) * 1e9))
+
+
+def secret_info(record: SecretRecord, caller: str) -> pb.SecretInfo:
+    key = record.key
+    return pb.SecretInfo(
+        id=key.secret_id,
+        type=record.type,
+        name=record.name,
+        delegated_to=key.delegated_to,
+        etag=record.etag,
+        delegated_by=key.owner if key.owner != caller else "",
+        data_crc32c=record.crc32c,
+        size=record.size,
+        update_time=_timestamp(record.update_time),
+    )
+
+
+def secret_request(record: RequestRecord) -> pb.SecretRequest:
+    return pb.SecretRequest(
+        request_id=record.request_id,
+        url=record.url,
+        type=record.type,
+        delegate_to=record.delegate_to,
+        requested_by=record.requested_by,
+        deadline=_timestamp(record.deadline),
+    )
+
+
+def _crc(message: Any) -> int | None:
+    return int(message.data_crc32c) if message.HasField("data_crc32c") else None
+
+
+class RoomSecretsServicer(pb_grpc.RoomSecretsServicer):
+    def __init__(
+        self, verifier: TokenVerifier, secrets: SecretsService, requests: RequestService, oauth: OAuthService
+    ) -> None:
+        self.verifier = verifier
+        self.secrets = secrets
+        self.requests = requests
+        self.oauth = oauth
+
+    # -- storage ------------------------------------------------------------------------------
+    @unary
+    async def ListSecrets(self, request: pb.ListSecretsRequest, p: Principal, _: Any) -> pb.ListSecretsResponse:
+        records, next_token = await self.secrets.list_secrets(
+            p, page_size=request.page_size, page_token=request.page_token
+        )
+        return pb.ListSecretsResponse(
+            secrets=[secret_info(r, p.identity) for r in records], next_page_token=next_token
+        )
+
+    @unary
+    async def Exists(self, request: pb.ExistsRequest, p: Principal, _: Any) -> pb.ExistsResponse:
+        found = await self.secrets.exists(
+            p, secret_id=request.secret_id, delegated_to=request.delegated_to, for_identity=request.for_identity
+        )
+        return pb.ExistsResponse(exists=found)
+
+    @unary
+    async def SetSecret(self, request: pb.SetSecretRequest, p: Principal, _: Any) -> pb.SetSecretResponse:
+        record = await self.secrets.set_secret(
+            p,
+            secret_id=request.secret_id,
+            type_=request.type,
+            name=request.name,
+            data=request.data,
+            delegated_to=request.delegated_to,
+            for_identity=request.for_identity,
+            etag=request.etag,
+            data_crc32c=_crc(request),
+        )
+        return pb.SetSecretResponse(secret=secret_info(record, p.identity))
+
+    @unary
+    async def GetSecret(self, request: pb.GetSecretRequest, p: Principal, _: Any) -> pb.GetSecretResponse:
+        value = await self.secrets.get_secret(
+            p,
+            secret_id=request.secret_id,
+            type_=request.type,
+            name=request.name,
+            delegated_to=request.delegated_to,
+            delegated_by=request.delegated_by,
+        )
+        return pb.GetSecretResponse(
+            secret=secret_info(value.record, p.identity), data=value.data, data_crc32c=value.record.crc32c
+        )
+
+    @unary
+    async def DeleteSecret(self, request: pb.DeleteSecretRequest, p: Principal, _: Any) -> pb.DeleteSecretResponse:
+        await self.secrets.delete_secret(
+            p, secret_id=request.secret_id, delegated_to=request.delegated_to, etag=request.etag
+        )
+        return pb.DeleteSecretResponse()
+
+    @unary
+    async def DeleteRequestedSecret(
+        self, request: pb.DeleteRequestedSecretRequest, p: Principal, _: Any
+    ) -> pb.DeleteRequestedSecretResponse:
+        await self.secrets.delete_requested_secret(
+            p, url=request.url, type_=request.type, delegated_to=request.delegated_to
+        )
+        return pb.DeleteRequestedSecretResponse()
+
+    # -- secret requests ----------------------------------------------------------------------
+    @unary
+    async def RequestSecret(
+        self, request: pb.RequestSecretRequest, p: Principal, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.RequestSecretResponse:
+        request_id, value = await self.requests.request_secret(
+            p,
+            target=request.from_participant_id,
+            url=request.url,
+            type_=request.type,
+            timeout=request.timeout,
+            delegate_to=request.delegate_to,
+            call_time_remaining=context.time_remaining(),
+        )
+        return pb.RequestSecretResponse(data=value.data, data_crc32c=value.record.crc32c, request_id=request_id)
+
+    @unary
+    async def ProvideSecret(self, request: pb.ProvideSecretRequest, p: Principal, _: Any) -> pb.ProvideSecretResponse:
+        await self.requests.provide_secret(p, request_id=request.request_id, data=request.data, data_crc32c=_crc(request))
+        return pb.ProvideSecretResponse()
+
+    @unary
+    async def RejectSecret(self, request: pb.RejectSecretRequest, p: Principal, _: Any) -> pb.RejectSecretResponse:
+        await self.requests.reject(p, request_id=request.request_id, error=request.error, kind="secret")
+        return pb.RejectSecretResponse()
+
+    # -- OAuth (the OAuth issue implements these) ----------------------------------------------
+    @unary
+    async def RequestOAuthToken(
+        self, request: pb.RequestOAuthTokenRequest, p: Principal, _: Any
+    ) -> pb.RequestOAuthTokenResponse:
+        await self.oauth.request_oauth_token(p)
+        return pb.RequestOAuthTokenResponse()
+
+    @unary
+    async def ProvideOAuthAuthorization(
+        self, request: pb.ProvideOAuthAuthorizationRequest, p: Principal, _: Any
+    ) -> pb.ProvideOAuthAuthorizationResponse:
+        await self.oauth.provide_oauth_authorization(p)
+        return pb.ProvideOAuthAuthorizationResponse()
+
+    @unary
+    async def RejectOAuthAuthorization(
+        self, request: pb.RejectOAuthAuthorizationRequest, p: Principal, _: Any
+    ) -> pb.RejectOAuthAuthorizationResponse:
+        await self.oauth.reject_oauth_authorization(p)
+        return pb.RejectOAuthAuthorizationResponse()
+
+    @unary
+    async def GetOfflineOAuthToken(
+        self, request: pb.GetOfflineOAuthTokenRequest, p: Principal, _: Any
+    ) -> pb.GetOfflineOAuthTokenResponse:
+        await self.oauth.get_offline_oauth_token(p)
+        return pb.GetOfflineOAuthTokenResponse()
+
+    # -- the inbound stream -------------------------------------------------------------------
+    async def WatchRequests(
+        self, request: pb.WatchRequestsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.WatchRequestsResponse]:
+        try:
+            principal = self.verifier.authenticate(authorization(context))
+            async for event in self.requests.watch(principal):
+                yield _watch_event(event)
+        except Exception as error:  # noqa: BLE001 - every error becomes a status here
+            await _abort(context, error)
+
+
+def _watch_event(event: RequestOpened | RequestClosed | WatchReady) -> pb.WatchRequestsResponse:
+    if isinstance(event, RequestOpened):
+        return pb.WatchRequestsResponse(secret_request=secret_request(event.record))
+    if isinstance(event, RequestClosed):
+        closed = pb.RequestClosed(request_id=event.request_id, state=_STATES[event.state], reason=event.reason)
+        return pb.WatchRequestsResponse(request_closed=closed)
+    return pb.WatchRequestsResponse(ready=pb.WatchReady(pending=event.pending))

@@ -1,0 +1,1 @@
+"""Room secrets domain service."""

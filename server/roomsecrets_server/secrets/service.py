@@ -1,0 +1,233 @@
+"""Room secrets: set / get / exists / list / delete, delegation, check-and-set.
+
+Who may do what (SPEC §4): a participant reads and writes its own secrets; a secret delegated to
+another identity is readable by its owner and that delegate only; acting for another identity
+(`for_identity`) needs the room admin grant. Values are sealed here, before the store sees them,
+bound to (room, owner, delegated_to, id, type, etag) so a row moved elsewhere fails to open.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import secrets as pysecrets
+import time
+import uuid
+from dataclasses import dataclass
+
+from .. import validate
+from ..audit import AuditLog
+from ..auth.principal import Principal
+from ..crypto.checksum import crc32c
+from ..crypto.envelope import place
+from ..crypto.keyring import KeyringFile
+from ..errors import EtagMismatch, InvalidArgument, NotFound, PermissionDenied
+from ..store import ABSENT, ANY, SecretKey, SecretRecord, Store, WriteCondition
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+_WRITE_ATTEMPTS = 4  # retries when a concurrent writer changed the row between read and write
+
+
+@dataclass(frozen=True, slots=True)
+class SecretValue:
+    record: SecretRecord
+    data: bytes
+
+
+def new_etag() -> str:
+    return pysecrets.token_hex(8)
+
+
+class SecretsService:
+    def __init__(self, store: Store, keyring: KeyringFile, audit: AuditLog, *, max_value_bytes: int) -> None:
+        self._store = store
+        self._keyring = keyring
+        self._audit = audit
+        self.max_value_bytes = max_value_bytes
+
+    # -- sealing (also used by the request flows) ---------------------------------------------
+    def seal(self, key: SecretKey, type_: str, name: str, data: bytes) -> SecretRecord:
+        etag = new_etag()
+        envelope = self._keyring.envelope()
+        return SecretRecord(
+            key=key,
+            type=type_,
+            name=name,
+            etag=etag,
+            crc32c=crc32c(data),
+            size=len(data),
+            sealed=envelope.seal(data, _aad(key, type_, etag)),
+            update_time=time.time(),
+            kek_id=envelope.active_kek_id,
+        )
+
+    def open(self, record: SecretRecord) -> bytes:
+        data = self._keyring.envelope().open(record.sealed, _aad(record.key, record.type, record.etag))
+        return data
+
+    def check_data(self, data: bytes, checksum: int | None, *, field: str = "data") -> None:
+        validate.data(data, self.max_value_bytes, field)
+        if checksum is not None and checksum != crc32c(data):
+            raise InvalidArgument(f"{field}_crc32c", f"does not match the CRC32C of {field}")
+
+    # -- the Secrets API ----------------------------------------------------------------------
+    async def set_secret(
+        self,
+        p: Principal,
+        *,
+        secret_id: str,
+        type_: str,
+        name: str,
+        data: bytes,
+        delegated_to: str,
+        for_identity: str,
+        etag: str,
+        data_crc32c: int | None,
+    ) -> SecretRecord:
+        p.require_secrets()
+        owner = self._owner(p, for_identity)
+        delegated_to = validate.identity(delegated_to, "delegated_to")
+        if secret_id:
+            validate.secret_id(secret_id)
+        elif not name:
+            raise InvalidArgument("secret_id", "give secret_id, or name (with type) to address the secret")
+        type_ = validate.text(type_, "type", validate.MAX_TYPE)
+        name = validate.text(name, "name", validate.MAX_NAME)
+        self.check_data(data, data_crc32c)
+
+        for _ in range(_WRITE_ATTEMPTS):
+            if secret_id:
+                key = SecretKey(p.room, owner, delegated_to, secret_id)
+                existing = await self._store.get_secret(key)
+            else:
+                existing = await self._find_one(p.room, owner, delegated_to, type_, name)
+                key = existing.key if existing else SecretKey(p.room, owner, delegated_to, uuid.uuid4().hex)
+            if etag and (existing is None or existing.etag != etag):
+                self._audit.record("set_secret", room=p.room, actor=p.identity, outcome="etag_mismatch",
+                                   secret_id=key.secret_id, owner=owner, delegated_to=delegated_to)
+                what = "does not exist" if existing is None else "has changed"
+                raise EtagMismatch(f"etag does not match: secret {key.secret_id!r} {what}")
+            record = self.seal(
+                key,
+                type_ or (existing.type if existing else validate.DEFAULT_TYPE),
+                name or (existing.name if existing else ""),
+                data,
+            )
+            condition = WriteCondition(etag=existing.etag) if existing else ABSENT
+            try:
+                await self._store.put_secret(record, condition)
+            except EtagMismatch:
+                if etag:
+                    raise
+                continue  # a concurrent write won; re-read and apply ours on top (last writer wins)
+            self._audit.record("set_secret", room=p.room, actor=p.identity, secret_id=key.secret_id,
+                               owner=owner, delegated_to=delegated_to)
+            return record
+        raise EtagMismatch("secret is being changed concurrently; try again")
+
+    async def get_secret(
+        self, p: Principal, *, secret_id: str, type_: str, name: str, delegated_to: str, delegated_by: str
+    ) -> SecretValue:
+        p.require_secrets()
+        owner, delegated_to = self._read_scope(p, delegated_to, delegated_by)
+        if secret_id:
+            validate.secret_id(secret_id)
+            record = await self._store.get_secret(SecretKey(p.room, owner, delegated_to, secret_id))
+        elif name:
+            validate.text(type_, "type", validate.MAX_TYPE)
+            validate.text(name, "name", validate.MAX_NAME)
+            record = await self._find_one(p.room, owner, delegated_to, type_, name)
+        else:
+            raise InvalidArgument("secret_id", "give secret_id, or name (with type) to address the secret")
+        if record is None:
+            raise NotFound(f"secret {secret_id or name!r} not found")
+        data = self.open(record)
+        self._audit.record("get_secret", room=p.room, actor=p.identity, secret_id=record.key.secret_id,
+                           owner=owner, delegated_to=delegated_to)
+        return SecretValue(record, data)
+
+    async def exists(self, p: Principal, *, secret_id: str, delegated_to: str, for_identity: str) -> bool:
+        p.require_secrets()
+        owner = self._owner(p, for_identity)
+        key = SecretKey(p.room, owner, validate.identity(delegated_to, "delegated_to"), validate.secret_id(secret_id))
+        return await self._store.get_secret(key) is not None
+
+    async def delete_secret(self, p: Principal, *, secret_id: str, delegated_to: str, etag: str) -> None:
+        p.require_secrets()
+        key = SecretKey(p.room, p.identity, validate.identity(delegated_to, "delegated_to"),
+                        validate.secret_id(secret_id))
+        condition = WriteCondition(etag=etag) if etag else ANY
+        if not await self._store.delete_secret(key, condition):
+            raise NotFound(f"secret {secret_id!r} not found")
+        self._audit.record("delete_secret", room=p.room, actor=p.identity, secret_id=secret_id,
+                           owner=p.identity, delegated_to=key.delegated_to)
+
+    async def delete_requested_secret(self, p: Principal, *, url: str, type_: str, delegated_to: str) -> None:
+        p.require_secrets()
+        url = validate.text(url, "url", validate.MAX_URL, required=True)
+        type_ = validate.secret_type(type_)
+        delegated_to = validate.identity(delegated_to, "delegated_to")
+        count = await self._store.delete_secrets_by_name(p.room, p.identity, delegated_to, type_, url)
+        if count == 0:
+            raise NotFound(f"no requested secret for url {url!r} and type {type_!r}")
+        self._audit.record("delete_requested_secret", room=p.room, actor=p.identity, delegated_to=delegated_to,
+                           target=url)
+
+    async def list_secrets(self, p: Principal, *, page_size: int, page_token: str) -> tuple[list[SecretRecord], str]:
+        p.require_secrets()
+        if page_size < 0:
+            raise InvalidArgument("page_size", "must not be negative")
+        limit = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        after = _decode_page_token(page_token) if page_token else None
+        rows = await self._store.list_secrets(p.room, p.identity, after, limit + 1)
+        next_token = ""
+        if len(rows) > limit:
+            rows = rows[:limit]
+            last = rows[-1].key
+            next_token = _encode_page_token((last.owner, last.delegated_to, last.secret_id))
+        return rows, next_token
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _owner(self, p: Principal, for_identity: str) -> str:
+        for_identity = validate.identity(for_identity, "for_identity")
+        if for_identity and for_identity != p.identity:
+            p.require_room_admin("for_identity")
+            return for_identity
+        return p.identity
+
+    @staticmethod
+    def _read_scope(p: Principal, delegated_to: str, delegated_by: str) -> tuple[str, str]:
+        """(owner, delegated_to) the caller may read: its own secrets, or one delegated to it."""
+        delegated_to = validate.identity(delegated_to, "delegated_to")
+        delegated_by = validate.identity(delegated_by, "delegated_by")
+        if not delegated_by or delegated_by == p.identity:
+            return p.identity, delegated_to
+        if delegated_to and delegated_to != p.identity:
+            raise PermissionDenied("a delegated secret is readable only by its owner and its delegate")
+        return delegated_by, p.identity
+
+    async def _find_one(self, room: str, owner: str, delegated_to: str, type_: str, name: str) -> SecretRecord | None:
+        found = await self._store.find_secrets(room, owner, delegated_to, type_, name)
+        if len(found) > 1:
+            raise InvalidArgument("type", f"several secrets are named {name!r}; give their type")
+        return found[0] if found else None
+
+
+def _aad(key: SecretKey, type_: str, etag: str) -> bytes:
+    return place(key.room, key.owner, key.delegated_to, key.secret_id, type_, etag)
+
+
+def _encode_page_token(position: tuple[str, str, str]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(["v1", *position]).encode()).decode()
+
+
+def _decode_page_token(token: str) -> tuple[str, str, str]:
+    try:
+        doc = json.loads(base64.urlsafe_b64decode(token.encode()))
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        raise InvalidArgument("page_token", "is not a token returned by ListSecrets") from None
+    if not (isinstance(doc, list) and len(doc) == 4 and doc[0] == "v1" and all(isinstance(x, str) for x in doc)):
+        raise InvalidArgument("page_token", "is not a token returned by ListSecrets")
+    return doc[1], doc[2], doc[3]

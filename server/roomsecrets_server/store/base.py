@@ -1,0 +1,148 @@
+"""The storage interface every backend implements, and the records it stores.
+
+A backend keeps rows and enforces the few invariants that must hold atomically: primary keys,
+the unique (type, name) per owner and delegation, etag check-and-set, and the pending -> closed
+transition of a request (exactly one answer wins). It never sees plaintext: `sealed` is opaque.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class RequestState(enum.StrEnum):
+    PENDING = "pending"
+    PROVIDED = "provided"
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class SecretKey:
+    room: str
+    owner: str
+    delegated_to: str
+    secret_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class SecretRecord:
+    key: SecretKey
+    type: str
+    name: str
+    etag: str
+    crc32c: int
+    size: int
+    sealed: bytes
+    update_time: float
+    # Which key-encryption key wraps `sealed` (lets rewrap find old rows without opening them).
+    kek_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    request_id: str
+    room: str
+    kind: str  # "secret" | "oauth"
+    requested_by: str
+    target: str
+    url: str
+    type: str
+    delegate_to: str
+    state: RequestState
+    reason: str
+    created: float
+    deadline: float
+    # Where a provided value was stored (owner is `target`).
+    secret_id: str = ""
+    # Sealed flow parameters (OAuth: client config, PKCE verifier, state); opaque to the store.
+    params: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class WriteCondition:
+    """Check-and-set precondition of a write: any, must be absent, or must have this etag."""
+
+    etag: str | None = None
+    absent: bool = False
+
+
+ANY = WriteCondition()
+ABSENT = WriteCondition(absent=True)
+
+
+class Store(Protocol):
+    # -- secrets ------------------------------------------------------------------------------
+    async def get_secret(self, key: SecretKey) -> SecretRecord | None:
+        """Point read: the hot path of GetSecret; keep it cheap."""
+        ...
+
+    async def find_secrets(
+        self, room: str, owner: str, delegated_to: str, type_: str, name: str
+    ) -> list[SecretRecord]:
+        """Lookup by (type, name) within one owner and delegation; `type_` "" matches any type.
+        Returns at most two (enough to tell a unique match from an ambiguous one)."""
+        ...
+
+    async def list_secrets(
+        self, room: str, identity: str, after: tuple[str, str, str] | None, limit: int
+    ) -> list[SecretRecord]:
+        """Secrets owned by or delegated to `identity`, ordered by (owner, delegated_to, secret_id),
+        starting after that key."""
+        ...
+
+    async def put_secret(self, record: SecretRecord, condition: WriteCondition) -> None:
+        """Insert or replace. Raises EtagMismatch if `condition` fails and AlreadyExists if
+        another secret of this owner and delegation has the same (type, name)."""
+        ...
+
+    async def delete_secret(self, key: SecretKey, condition: WriteCondition) -> bool:
+        """False if absent; raises EtagMismatch if `condition.etag` is stale."""
+        ...
+
+    async def delete_secrets_by_name(
+        self, room: str, owners_or_delegate: str, delegated_to: str, type_: str, name: str
+    ) -> int:
+        """Delete secrets with this (type, name, delegated_to) owned by `owners_or_delegate`, or,
+        when `delegated_to` equals it, delegated to it by anyone. Returns how many."""
+        ...
+
+    # -- requests -----------------------------------------------------------------------------
+    async def create_request(self, record: RequestRecord) -> None: ...
+
+    async def get_request(self, request_id: str) -> RequestRecord | None: ...
+
+    async def find_pending_request(
+        self, room: str, requested_by: str, target: str, kind: str, url: str, type_: str, delegate_to: str
+    ) -> RequestRecord | None: ...
+
+    async def pending_requests_for(self, room: str, target: str, now: float) -> list[RequestRecord]: ...
+
+    async def close_request(
+        self,
+        request_id: str,
+        state: RequestState,
+        reason: str,
+        *,
+        secret: SecretRecord | None = None,
+        secret_condition: WriteCondition = ANY,
+    ) -> bool:
+        """Move a pending request to `state`; with `secret`, store it in the same transaction.
+        False (and nothing written) if the request is no longer pending."""
+        ...
+
+    async def expire_due(self, now: float) -> list[RequestRecord]:
+        """Close every pending request past its deadline as expired; return them."""
+        ...
+
+    # -- key rotation -------------------------------------------------------------------------
+    async def sealed_not_under(self, kek_id: str, limit: int) -> list[tuple[SecretKey, bytes]]: ...
+
+    async def replace_sealed(self, key: SecretKey, old: bytes, new: bytes, kek_id: str) -> bool:
+        """Swap the sealed blob if it is still `old` (re-wrapping never races a write)."""
+        ...
+
+    async def close(self) -> None: ...
