@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-
 from roomsecrets.v1 import room_secrets_pb2_grpc
 from roomsecrets_server.app import RoomSecretsServer
 from roomsecrets_server.auth.dev_key import mint_token
@@ -18,8 +17,9 @@ from roomsecrets_server.config import Settings
 
 
 def test_settings(data_dir: Path, **overrides: Any) -> Settings:
-    base = Settings(data_dir=data_dir, listen="127.0.0.1:0", listener_grace=0.5, sweep_interval=0.2,
-                    shutdown_grace=1.0)
+    base = Settings(
+        data_dir=data_dir, listen="127.0.0.1:0", listener_grace=0.5, sweep_interval=0.2, shutdown_grace=1.0
+    )
     return dataclasses.replace(base, **overrides)
 
 
@@ -87,8 +87,8 @@ class Participants:
         kwargs.setdefault("room", self.room)
         return mint_token(self.server.settings.data_dir, identity=identity, **kwargs)
 
-    def auth(self, identity: str, **kwargs: Any) -> list[tuple[str, str]]:
-        return [("authorization", f"Bearer {self.token(identity, **kwargs)}")]
+    def auth(self, identity: str, **kwargs: Any) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token(identity, **kwargs)}"),)
 
     def close(self) -> None:
         self.channel.close()

@@ -9,9 +9,9 @@ import signal
 from collections.abc import Callable
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import _async as health_aio  # the aio HealthServicer (also `health.aio`)
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-
 from roomsecrets.v1 import room_secrets_pb2, room_secrets_pb2_grpc
 
 from .audit import AuditLog
@@ -67,7 +67,9 @@ class RoomSecretsServer:
         self.verifier = TokenVerifier(verification_keys(settings))
         self.store = SqliteStore(settings.database_path)
         self.audit = AuditLog(settings.audit_log_path)
-        self.secrets = SecretsService(self.store, self.keyring, self.audit, max_value_bytes=settings.max_value_bytes)
+        self.secrets = SecretsService(
+            self.store, self.keyring, self.audit, max_value_bytes=settings.max_value_bytes
+        )
         self.requests = RequestService(
             self.store,
             self.secrets,
@@ -76,7 +78,7 @@ class RoomSecretsServer:
             listener_grace=settings.listener_grace,
             sweep_interval=settings.sweep_interval,
         )
-        self.health = health.aio.HealthServicer()
+        self.health = health_aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self.port = 0
 
@@ -92,7 +94,11 @@ class RoomSecretsServer:
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            [ROOM_SECRETS, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            [
+                ROOM_SECRETS,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
             server,
         )
         self.port = self._bind(server)

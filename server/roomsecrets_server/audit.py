@@ -37,7 +37,13 @@ class AuditLog:
     ) -> None:
         if self._file is None:
             return
-        entry = {"ts": round(time.time(), 6), "action": action, "room": room, "actor": actor, "outcome": outcome}
+        entry = {
+            "ts": round(time.time(), 6),
+            "action": action,
+            "room": room,
+            "actor": actor,
+            "outcome": outcome,
+        }
         for key, value in (
             ("secret_id", secret_id),
             ("owner", owner),

@@ -23,7 +23,10 @@ def ensure_dev_key(data_dir: Path) -> tuple[str, bytes]:
     path = data_dir / DEV_KEY_FILE
     if not path.exists():
         data_dir.mkdir(parents=True, exist_ok=True)
-        doc = {"kid": f"dev-{secrets.token_hex(4)}", "secret": base64.b64encode(secrets.token_bytes(32)).decode()}
+        doc = {
+            "kid": f"dev-{secrets.token_hex(4)}",
+            "secret": base64.b64encode(secrets.token_bytes(32)).decode(),
+        }
         write_private(path, json.dumps(doc))
     doc = json.loads(path.read_text())
     return str(doc["kid"]), base64.b64decode(doc["secret"])

@@ -53,7 +53,7 @@ class Envelope:
         return self._wrap(self.active_kek_id, dek) + nonce + ciphertext
 
     def open(self, sealed: bytes, aad: bytes) -> bytes:
-        kek_id, dek, body = self._unwrap(sealed)
+        _, dek, body = self._unwrap(sealed)
         try:
             return AESGCM(dek).decrypt(body[:_NONCE], body[_NONCE:], aad)
         except InvalidTag:

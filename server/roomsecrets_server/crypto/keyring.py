@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import secrets
 import time
 from pathlib import Path
 
 from ..files import write_private
 from .envelope import Envelope
+
 
 def _new_key_entry() -> dict[str, object]:
     return {

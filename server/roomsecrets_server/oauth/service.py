@@ -10,7 +10,9 @@ from ..errors import NotImplementedYet
 class OAuthService:
     @staticmethod
     def _unimplemented(method: str) -> NotImplementedYet:
-        return NotImplementedYet(f"{method} is not implemented yet: OAuth flows are not available on this server")
+        return NotImplementedYet(
+            f"{method} is not implemented yet: OAuth flows are not available on this server"
+        )
 
     async def request_oauth_token(self, p: Principal) -> None:
         p.require_secrets()

@@ -40,7 +40,7 @@ from .notifier import Event, Notifier, RequestClosed, RequestOpened
 
 log = logging.getLogger(__name__)
 
-SECRET = "secret"
+SECRET = "secret"  # noqa: S105 - a request kind, not a credential
 OAUTH = "oauth"
 
 
@@ -107,22 +107,44 @@ class RequestService:
             found = await self._store.find_secrets(p.room, target, delegate_to, type_, url)
             if found:
                 value = SecretValue(found[0], self._secrets.open(found[0]))
-                self._audit.record("request_secret", room=p.room, actor=p.identity, outcome="from_store",
-                                   secret_id=found[0].key.secret_id, owner=target, delegated_to=delegate_to)
+                self._audit.record(
+                    "request_secret",
+                    room=p.room,
+                    actor=p.identity,
+                    outcome="from_store",
+                    secret_id=found[0].key.secret_id,
+                    owner=target,
+                    delegated_to=delegate_to,
+                )
                 return "", value
 
         wait = float(timeout) if call_time_remaining is None else min(float(timeout), call_time_remaining)
-        record = await self._store.find_pending_request(p.room, p.identity, target, SECRET, url, type_, delegate_to)
+        record = await self._store.find_pending_request(
+            p.room, p.identity, target, SECRET, url, type_, delegate_to
+        )
         if record is None:
             record = await self._open(p, SECRET, target, url, type_, delegate_to, wait)
         else:  # the same question is already pending (e.g. asked again after a restart): join it
-            self._audit.record("request_secret", room=p.room, actor=p.identity, outcome="joined",
-                               request_id=record.request_id, target=target)
+            self._audit.record(
+                "request_secret",
+                room=p.room,
+                actor=p.identity,
+                outcome="joined",
+                request_id=record.request_id,
+                target=target,
+            )
         closed = await self._await_answer(record, time.time() + wait)
         return record.request_id, await self._provided_value(closed)
 
     async def _open(
-        self, p: Principal, kind: str, target: str, url: str, type_: str, delegate_to: str, wait: float,
+        self,
+        p: Principal,
+        kind: str,
+        target: str,
+        url: str,
+        type_: str,
+        delegate_to: str,
+        wait: float,
         params: bytes = b"",
     ) -> RequestRecord:
         action = f"request_{kind}"
@@ -150,8 +172,14 @@ class RequestService:
         )
         await self._store.create_request(record)
         self._notifier.publish(p.room, target, RequestOpened(record))
-        self._audit.record(action, room=p.room, actor=p.identity, outcome="pending",
-                           request_id=record.request_id, target=target)
+        self._audit.record(
+            action,
+            room=p.room,
+            actor=p.identity,
+            outcome="pending",
+            request_id=record.request_id,
+            target=target,
+        )
         return record
 
     async def _await_answer(self, record: RequestRecord, my_deadline: float) -> RequestRecord:
@@ -201,19 +229,28 @@ class RequestService:
             return RequestRejected(f"{closed.target!r} rejected request {closed.request_id}: {closed.reason}")
         if closed.state is RequestState.EXPIRED:
             return RequestTimedOut(f"request {closed.request_id} to {closed.target!r} timed out")
-        return FailedPrecondition(f"request {closed.request_id} was cancelled: {closed.reason}",
-                                  reason="REQUEST_CANCELLED")
+        return FailedPrecondition(
+            f"request {closed.request_id} was cancelled: {closed.reason}", reason="REQUEST_CANCELLED"
+        )
 
     # -- answering ----------------------------------------------------------------------------
-    async def provide_secret(self, p: Principal, *, request_id: str, data: bytes, data_crc32c: int | None) -> None:
+    async def provide_secret(
+        self, p: Principal, *, request_id: str, data: bytes, data_crc32c: int | None
+    ) -> None:
         p.require_secrets()
         validate.secret_id(request_id, "request_id")
         self._secrets.check_data(data, data_crc32c)
         record = await self.answerable(p, request_id, SECRET)
         for _ in range(4):
-            found = await self._store.find_secrets(p.room, record.target, record.delegate_to, record.type, record.url)
+            found = await self._store.find_secrets(
+                p.room, record.target, record.delegate_to, record.type, record.url
+            )
             existing = found[0] if found else None
-            key = existing.key if existing else SecretKey(p.room, record.target, record.delegate_to, uuid.uuid4().hex)
+            key = (
+                existing.key
+                if existing
+                else SecretKey(p.room, record.target, record.delegate_to, uuid.uuid4().hex)
+            )
             secret = self._secrets.seal(key, record.type, record.url, data)
             condition = WriteCondition(etag=existing.etag) if existing else ABSENT
             try:
@@ -225,8 +262,15 @@ class RequestService:
             if not won:
                 raise self._not_pending(await self._store.get_request(request_id))
             self._closed(record, RequestState.PROVIDED, "")
-            self._audit.record("provide_secret", room=p.room, actor=p.identity, request_id=request_id,
-                               secret_id=key.secret_id, owner=record.target, delegated_to=record.delegate_to)
+            self._audit.record(
+                "provide_secret",
+                room=p.room,
+                actor=p.identity,
+                request_id=request_id,
+                secret_id=key.secret_id,
+                owner=record.target,
+                delegated_to=record.delegate_to,
+            )
             return
         raise FailedPrecondition(f"request {request_id}: the stored secret keeps changing; try again")
 
@@ -245,9 +289,12 @@ class RequestService:
         if record is None or record.room != p.room:
             raise NotFound(f"request {request_id} not found")
         if record.target != p.identity:
-            self._audit.record(f"answer_{kind}", room=p.room, actor=p.identity, outcome="denied",
-                               request_id=request_id)
-            raise PermissionDenied(f"request {request_id} is addressed to another participant; only they may answer")
+            self._audit.record(
+                f"answer_{kind}", room=p.room, actor=p.identity, outcome="denied", request_id=request_id
+            )
+            raise PermissionDenied(
+                f"request {request_id} is addressed to another participant; only they may answer"
+            )
         if record.kind != kind:
             raise FailedPrecondition(f"request {request_id} is a {record.kind} request, not a {kind} request")
         if record.state is not RequestState.PENDING:
@@ -261,7 +308,9 @@ class RequestService:
     def _not_pending(record: RequestRecord | None) -> FailedPrecondition:
         state = record.state.value if record else "gone"
         request_id = record.request_id if record else ""
-        return FailedPrecondition(f"request {request_id} is no longer pending ({state})", reason="REQUEST_NOT_PENDING")
+        return FailedPrecondition(
+            f"request {request_id} is no longer pending ({state})", reason="REQUEST_NOT_PENDING"
+        )
 
     # -- the inbound stream -------------------------------------------------------------------
     async def watch(self, p: Principal) -> AsyncIterator[Event | WatchReady]:
@@ -294,8 +343,14 @@ class RequestService:
         self._notifier.request_changed(record.request_id)
         self._notifier.publish(record.room, record.target, RequestClosed(record.request_id, state, reason))
         if state in (RequestState.EXPIRED, RequestState.CANCELLED):
-            self._audit.record(f"request_{record.kind}", room=record.room, actor=record.requested_by,
-                               outcome=state.value, request_id=record.request_id, target=record.target)
+            self._audit.record(
+                f"request_{record.kind}",
+                room=record.room,
+                actor=record.requested_by,
+                outcome=state.value,
+                request_id=record.request_id,
+                target=record.target,
+            )
 
     def _stopped_listening(self, room: str, identity: str) -> None:
         self._spawn(self._cancel_if_still_away(room, identity))

@@ -33,7 +33,7 @@ STATUS_CODES: dict[type[e.DomainError], grpc.StatusCode] = {
 
 def status_code(error: e.DomainError) -> grpc.StatusCode:
     for cls in type(error).__mro__:
-        code = STATUS_CODES.get(cls)  # type: ignore[arg-type]
+        code = STATUS_CODES.get(cls)
         if code is not None:
             return code
     return grpc.StatusCode.INTERNAL
@@ -44,7 +44,7 @@ def to_status(error: e.DomainError) -> grpc.Status:
     details = [error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN)]
     if isinstance(error, e.InvalidArgument):
         violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.message)
-        details.append(error_details_pb2.BadRequest(field_violations=[violation]))  # type: ignore[arg-type]
+        details.append(error_details_pb2.BadRequest(field_violations=[violation]))
     packed = []
     for detail in details:
         holder = any_pb2.Any()

@@ -10,7 +10,6 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-
 from roomsecrets.v1 import room_secrets_pb2 as pb
 from roomsecrets.v1 import room_secrets_pb2_grpc as pb_grpc
 
@@ -48,18 +47,22 @@ def authorization(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: Exception) -> None:
     if isinstance(error, DomainError):
-        await context.abort_with_status(to_status(error))
+        await context.abort_with_status(to_status(error))  # type: ignore[attr-defined]  # missing in grpc-stubs
     log.exception("unexpected error in %s", type(error).__name__, exc_info=error)
     await context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
 
-def unary(method: Handler[Req, Resp]) -> Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]]:
+def unary(
+    method: Handler[Req, Resp],
+) -> Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]]:
     @functools.wraps(method)
-    async def handler(self: RoomSecretsServicer, request: Req, context: grpc.aio.ServicerContext[Any, Any]) -> Resp:
+    async def handler(
+        self: RoomSecretsServicer, request: Req, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Resp:
         try:
             principal = self.verifier.authenticate(authorization(context))
             return await method(self, request, principal, context)
-        except Exception as error:  # noqa: BLE001 - every error becomes a status here
+        except Exception as error:
             await _abort(context, error)
             raise  # unreachable: abort raises
 
@@ -112,7 +115,9 @@ class RoomSecretsServicer(pb_grpc.RoomSecretsServicer):
 
     # -- storage ------------------------------------------------------------------------------
     @unary
-    async def ListSecrets(self, request: pb.ListSecretsRequest, p: Principal, _: Any) -> pb.ListSecretsResponse:
+    async def ListSecrets(
+        self, request: pb.ListSecretsRequest, p: Principal, _: Any
+    ) -> pb.ListSecretsResponse:
         records, next_token = await self.secrets.list_secrets(
             p, page_size=request.page_size, page_token=request.page_token
         )
@@ -123,7 +128,10 @@ class RoomSecretsServicer(pb_grpc.RoomSecretsServicer):
     @unary
     async def Exists(self, request: pb.ExistsRequest, p: Principal, _: Any) -> pb.ExistsResponse:
         found = await self.secrets.exists(
-            p, secret_id=request.secret_id, delegated_to=request.delegated_to, for_identity=request.for_identity
+            p,
+            secret_id=request.secret_id,
+            delegated_to=request.delegated_to,
+            for_identity=request.for_identity,
         )
         return pb.ExistsResponse(exists=found)
 
@@ -157,7 +165,9 @@ class RoomSecretsServicer(pb_grpc.RoomSecretsServicer):
         )
 
     @unary
-    async def DeleteSecret(self, request: pb.DeleteSecretRequest, p: Principal, _: Any) -> pb.DeleteSecretResponse:
+    async def DeleteSecret(
+        self, request: pb.DeleteSecretRequest, p: Principal, _: Any
+    ) -> pb.DeleteSecretResponse:
         await self.secrets.delete_secret(
             p, secret_id=request.secret_id, delegated_to=request.delegated_to, etag=request.etag
         )
@@ -186,15 +196,23 @@ class RoomSecretsServicer(pb_grpc.RoomSecretsServicer):
             delegate_to=request.delegate_to,
             call_time_remaining=context.time_remaining(),
         )
-        return pb.RequestSecretResponse(data=value.data, data_crc32c=value.record.crc32c, request_id=request_id)
+        return pb.RequestSecretResponse(
+            data=value.data, data_crc32c=value.record.crc32c, request_id=request_id
+        )
 
     @unary
-    async def ProvideSecret(self, request: pb.ProvideSecretRequest, p: Principal, _: Any) -> pb.ProvideSecretResponse:
-        await self.requests.provide_secret(p, request_id=request.request_id, data=request.data, data_crc32c=_crc(request))
+    async def ProvideSecret(
+        self, request: pb.ProvideSecretRequest, p: Principal, _: Any
+    ) -> pb.ProvideSecretResponse:
+        await self.requests.provide_secret(
+            p, request_id=request.request_id, data=request.data, data_crc32c=_crc(request)
+        )
         return pb.ProvideSecretResponse()
 
     @unary
-    async def RejectSecret(self, request: pb.RejectSecretRequest, p: Principal, _: Any) -> pb.RejectSecretResponse:
+    async def RejectSecret(
+        self, request: pb.RejectSecretRequest, p: Principal, _: Any
+    ) -> pb.RejectSecretResponse:
         await self.requests.reject(p, request_id=request.request_id, error=request.error, kind="secret")
         return pb.RejectSecretResponse()
 
@@ -235,7 +253,7 @@ class RoomSecretsServicer(pb_grpc.RoomSecretsServicer):
             principal = self.verifier.authenticate(authorization(context))
             async for event in self.requests.watch(principal):
                 yield _watch_event(event)
-        except Exception as error:  # noqa: BLE001 - every error becomes a status here
+        except Exception as error:
             await _abort(context, error)
 
 
@@ -243,6 +261,8 @@ def _watch_event(event: RequestOpened | RequestClosed | WatchReady) -> pb.WatchR
     if isinstance(event, RequestOpened):
         return pb.WatchRequestsResponse(secret_request=secret_request(event.record))
     if isinstance(event, RequestClosed):
-        closed = pb.RequestClosed(request_id=event.request_id, state=_STATES[event.state], reason=event.reason)
+        closed = pb.RequestClosed(
+            request_id=event.request_id, state=_STATES[event.state], reason=event.reason
+        )
         return pb.WatchRequestsResponse(request_closed=closed)
     return pb.WatchRequestsResponse(ready=pb.WatchReady(pending=event.pending))

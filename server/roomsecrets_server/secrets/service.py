@@ -105,8 +105,15 @@ class SecretsService:
                 existing = await self._find_one(p.room, owner, delegated_to, type_, name)
                 key = existing.key if existing else SecretKey(p.room, owner, delegated_to, uuid.uuid4().hex)
             if etag and (existing is None or existing.etag != etag):
-                self._audit.record("set_secret", room=p.room, actor=p.identity, outcome="etag_mismatch",
-                                   secret_id=key.secret_id, owner=owner, delegated_to=delegated_to)
+                self._audit.record(
+                    "set_secret",
+                    room=p.room,
+                    actor=p.identity,
+                    outcome="etag_mismatch",
+                    secret_id=key.secret_id,
+                    owner=owner,
+                    delegated_to=delegated_to,
+                )
                 what = "does not exist" if existing is None else "has changed"
                 raise EtagMismatch(f"etag does not match: secret {key.secret_id!r} {what}")
             record = self.seal(
@@ -122,8 +129,14 @@ class SecretsService:
                 if etag:
                     raise
                 continue  # a concurrent write won; re-read and apply ours on top (last writer wins)
-            self._audit.record("set_secret", room=p.room, actor=p.identity, secret_id=key.secret_id,
-                               owner=owner, delegated_to=delegated_to)
+            self._audit.record(
+                "set_secret",
+                room=p.room,
+                actor=p.identity,
+                secret_id=key.secret_id,
+                owner=owner,
+                delegated_to=delegated_to,
+            )
             return record
         raise EtagMismatch("secret is being changed concurrently; try again")
 
@@ -144,25 +157,40 @@ class SecretsService:
         if record is None:
             raise NotFound(f"secret {secret_id or name!r} not found")
         data = self.open(record)
-        self._audit.record("get_secret", room=p.room, actor=p.identity, secret_id=record.key.secret_id,
-                           owner=owner, delegated_to=delegated_to)
+        self._audit.record(
+            "get_secret",
+            room=p.room,
+            actor=p.identity,
+            secret_id=record.key.secret_id,
+            owner=owner,
+            delegated_to=delegated_to,
+        )
         return SecretValue(record, data)
 
     async def exists(self, p: Principal, *, secret_id: str, delegated_to: str, for_identity: str) -> bool:
         p.require_secrets()
         owner = self._owner(p, for_identity)
-        key = SecretKey(p.room, owner, validate.identity(delegated_to, "delegated_to"), validate.secret_id(secret_id))
+        key = SecretKey(
+            p.room, owner, validate.identity(delegated_to, "delegated_to"), validate.secret_id(secret_id)
+        )
         return await self._store.get_secret(key) is not None
 
     async def delete_secret(self, p: Principal, *, secret_id: str, delegated_to: str, etag: str) -> None:
         p.require_secrets()
-        key = SecretKey(p.room, p.identity, validate.identity(delegated_to, "delegated_to"),
-                        validate.secret_id(secret_id))
+        key = SecretKey(
+            p.room, p.identity, validate.identity(delegated_to, "delegated_to"), validate.secret_id(secret_id)
+        )
         condition = WriteCondition(etag=etag) if etag else ANY
         if not await self._store.delete_secret(key, condition):
             raise NotFound(f"secret {secret_id!r} not found")
-        self._audit.record("delete_secret", room=p.room, actor=p.identity, secret_id=secret_id,
-                           owner=p.identity, delegated_to=key.delegated_to)
+        self._audit.record(
+            "delete_secret",
+            room=p.room,
+            actor=p.identity,
+            secret_id=secret_id,
+            owner=p.identity,
+            delegated_to=key.delegated_to,
+        )
 
     async def delete_requested_secret(self, p: Principal, *, url: str, type_: str, delegated_to: str) -> None:
         p.require_secrets()
@@ -172,10 +200,13 @@ class SecretsService:
         count = await self._store.delete_secrets_by_name(p.room, p.identity, delegated_to, type_, url)
         if count == 0:
             raise NotFound(f"no requested secret for url {url!r} and type {type_!r}")
-        self._audit.record("delete_requested_secret", room=p.room, actor=p.identity, delegated_to=delegated_to,
-                           target=url)
+        self._audit.record(
+            "delete_requested_secret", room=p.room, actor=p.identity, delegated_to=delegated_to, target=url
+        )
 
-    async def list_secrets(self, p: Principal, *, page_size: int, page_token: str) -> tuple[list[SecretRecord], str]:
+    async def list_secrets(
+        self, p: Principal, *, page_size: int, page_token: str
+    ) -> tuple[list[SecretRecord], str]:
         p.require_secrets()
         if page_size < 0:
             raise InvalidArgument("page_size", "must not be negative")
@@ -208,7 +239,9 @@ class SecretsService:
             raise PermissionDenied("a delegated secret is readable only by its owner and its delegate")
         return delegated_by, p.identity
 
-    async def _find_one(self, room: str, owner: str, delegated_to: str, type_: str, name: str) -> SecretRecord | None:
+    async def _find_one(
+        self, room: str, owner: str, delegated_to: str, type_: str, name: str
+    ) -> SecretRecord | None:
         found = await self._store.find_secrets(room, owner, delegated_to, type_, name)
         if len(found) > 1:
             raise InvalidArgument("type", f"several secrets are named {name!r}; give their type")
@@ -228,6 +261,8 @@ def _decode_page_token(token: str) -> tuple[str, str, str]:
         doc = json.loads(base64.urlsafe_b64decode(token.encode()))
     except (binascii.Error, ValueError, UnicodeDecodeError):
         raise InvalidArgument("page_token", "is not a token returned by ListSecrets") from None
-    if not (isinstance(doc, list) and len(doc) == 4 and doc[0] == "v1" and all(isinstance(x, str) for x in doc)):
+    if not (
+        isinstance(doc, list) and len(doc) == 4 and doc[0] == "v1" and all(isinstance(x, str) for x in doc)
+    ):
         raise InvalidArgument("page_token", "is not a token returned by ListSecrets")
     return doc[1], doc[2], doc[3]

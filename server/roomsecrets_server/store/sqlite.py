@@ -67,7 +67,9 @@ CREATE INDEX IF NOT EXISTS requests_pending_by_deadline
   ON requests (deadline) WHERE state = 'pending';
 """
 
-_SECRET_COLUMNS = "room, owner, delegated_to, secret_id, type, name, etag, crc32c, size, sealed, update_time, kek_id"
+_VALUE_COLUMNS = (
+    "room, owner, delegated_to, secret_id, type, name, etag, crc32c, size, sealed, update_time, kek_id"
+)
 _REQUEST_COLUMNS = (
     "request_id, room, kind, requested_by, target, url, type, delegate_to, state, reason, created, deadline, "
     "secret_id, params"
@@ -136,10 +138,20 @@ def _put(conn: sqlite3.Connection, record: SecretRecord, condition: WriteConditi
     k = record.key
     try:
         conn.execute(
-            f"INSERT OR REPLACE INTO secrets ({_SECRET_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",  # noqa: S608
+            f"INSERT OR REPLACE INTO secrets ({_VALUE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             (
-                k.room, k.owner, k.delegated_to, k.secret_id, record.type, record.name, record.etag,
-                record.crc32c, record.size, record.sealed, record.update_time, record.kek_id,
+                k.room,
+                k.owner,
+                k.delegated_to,
+                k.secret_id,
+                record.type,
+                record.name,
+                record.etag,
+                record.crc32c,
+                record.size,
+                record.sealed,
+                record.update_time,
+                record.kek_id,
             ),
         )
     except sqlite3.IntegrityError:
@@ -247,7 +259,8 @@ class SqliteStore:
     # -- secrets ------------------------------------------------------------------------------
     async def get_secret(self, key: SecretKey) -> SecretRecord | None:
         row = self._one(
-            f"SELECT {_SECRET_COLUMNS} FROM secrets WHERE room=? AND owner=? AND delegated_to=? AND secret_id=?",  # noqa: S608
+            f"SELECT {_VALUE_COLUMNS} FROM secrets "
+            "WHERE room=? AND owner=? AND delegated_to=? AND secret_id=?",
             (key.room, key.owner, key.delegated_to, key.secret_id),
         )
         return _secret(row) if row else None
@@ -256,7 +269,7 @@ class SqliteStore:
         self, room: str, owner: str, delegated_to: str, type_: str, name: str
     ) -> list[SecretRecord]:
         rows = self._all(
-            f"SELECT {_SECRET_COLUMNS} FROM secrets "  # noqa: S608
+            f"SELECT {_VALUE_COLUMNS} FROM secrets "
             "WHERE room=? AND owner=? AND delegated_to=? AND (type=? OR ?='') AND name=? AND name != '' "
             "ORDER BY type LIMIT 2",
             (room, owner, delegated_to, type_, type_, name),
@@ -268,7 +281,7 @@ class SqliteStore:
     ) -> list[SecretRecord]:
         start = after or ("", "", "")
         rows = self._all(
-            f"SELECT {_SECRET_COLUMNS} FROM secrets "  # noqa: S608
+            f"SELECT {_VALUE_COLUMNS} FROM secrets "
             "WHERE room=? AND (owner=? OR delegated_to=?) AND (owner, delegated_to, secret_id) > (?,?,?) "
             "ORDER BY owner, delegated_to, secret_id LIMIT ?",
             (room, identity, identity, *start, limit),
@@ -308,24 +321,36 @@ class SqliteStore:
 
         def job(conn: sqlite3.Connection) -> None:
             conn.execute(
-                f"INSERT INTO requests ({_REQUEST_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",  # noqa: S608
+                f"INSERT INTO requests ({_REQUEST_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
-                    r.request_id, r.room, r.kind, r.requested_by, r.target, r.url, r.type, r.delegate_to,
-                    r.state.value, r.reason, r.created, r.deadline, r.secret_id, r.params,
+                    r.request_id,
+                    r.room,
+                    r.kind,
+                    r.requested_by,
+                    r.target,
+                    r.url,
+                    r.type,
+                    r.delegate_to,
+                    r.state.value,
+                    r.reason,
+                    r.created,
+                    r.deadline,
+                    r.secret_id,
+                    r.params,
                 ),
             )
 
         await self._writer.run(job)
 
     async def get_request(self, request_id: str) -> RequestRecord | None:
-        row = self._one(f"SELECT {_REQUEST_COLUMNS} FROM requests WHERE request_id=?", (request_id,))  # noqa: S608
+        row = self._one(f"SELECT {_REQUEST_COLUMNS} FROM requests WHERE request_id=?", (request_id,))
         return _request(row) if row else None
 
     async def find_pending_request(
         self, room: str, requested_by: str, target: str, kind: str, url: str, type_: str, delegate_to: str
     ) -> RequestRecord | None:
         row = self._one(
-            f"SELECT {_REQUEST_COLUMNS} FROM requests WHERE room=? AND target=? AND state='pending' "  # noqa: S608
+            f"SELECT {_REQUEST_COLUMNS} FROM requests WHERE room=? AND target=? AND state='pending' "
             "AND requested_by=? AND kind=? AND url=? AND type=? AND delegate_to=? AND deadline > ? "
             "ORDER BY created LIMIT 1",
             (room, target, requested_by, kind, url, type_, delegate_to, time.time()),
@@ -334,7 +359,7 @@ class SqliteStore:
 
     async def pending_requests_for(self, room: str, target: str, now: float) -> list[RequestRecord]:
         rows = self._all(
-            f"SELECT {_REQUEST_COLUMNS} FROM requests "  # noqa: S608
+            f"SELECT {_REQUEST_COLUMNS} FROM requests "
             "WHERE room=? AND target=? AND state='pending' AND deadline > ? ORDER BY created",
             (room, target, now),
         )
@@ -366,7 +391,7 @@ class SqliteStore:
         def job(conn: sqlite3.Connection) -> list[RequestRecord]:
             rows = conn.execute(
                 "UPDATE requests SET state='expired', reason='timed out' "
-                f"WHERE state='pending' AND deadline <= ? RETURNING {_REQUEST_COLUMNS}",  # noqa: S608
+                f"WHERE state='pending' AND deadline <= ? RETURNING {_REQUEST_COLUMNS}",
                 (now,),
             ).fetchall()
             return [_request(r) for r in rows]
