@@ -23,6 +23,9 @@ def test_settings(data_dir: Path, **overrides: Any) -> Settings:
     return dataclasses.replace(base, **overrides)
 
 
+test_settings.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
+
+
 class ServerThread:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

@@ -70,6 +70,9 @@ class RequestService:
         self._sweep_interval = sweep_interval
         self._waiters: Counter[str] = Counter()  # local requesters waiting on each request
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Set on shutdown: calls and streams ending because the server stops must not cancel
+        # their requests, which stay pending in the store for the next start.
+        self._stopping = False
         notifier.on_stopped_listening(self._stopped_listening)
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -77,6 +80,7 @@ class RequestService:
         self._spawn(self._sweep_forever())
 
     async def stop(self) -> None:
+        self._stopping = True
         self._notifier.close()
         for task in list(self._tasks):
             task.cancel()
@@ -204,7 +208,7 @@ class RequestService:
                         )
                     await watch.wait(min(my_deadline, current.deadline) - now)
         except asyncio.CancelledError:
-            if self._waiters[request_id] == 1:  # nobody else here is waiting for this answer
+            if self._waiters[request_id] == 1 and not self._stopping:  # nobody else is waiting here
                 expired = time.time() >= my_deadline - 0.05
                 state = RequestState.EXPIRED if expired else RequestState.CANCELLED
                 self._spawn(self._close(record, state, "timed out" if expired else "requester cancelled"))
@@ -353,6 +357,8 @@ class RequestService:
             )
 
     def _stopped_listening(self, room: str, identity: str) -> None:
+        if self._stopping:
+            return
         self._spawn(self._cancel_if_still_away(room, identity))
 
     async def _cancel_if_still_away(self, room: str, identity: str) -> None:
