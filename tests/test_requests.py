@@ -434,9 +434,14 @@ def test_shutdown_ends_streams_cleanly(data_dir: Path) -> None:
     running = ServerThread(test_settings(data_dir)).start()
     room = Participants(running)
     bob = Watcher(room, "bob")
+    started = time.monotonic()
     running.stop()
     assert bob.ended.wait(5)
-    assert bob.error is None, f"stream ended with {bob.error}"
+    assert time.monotonic() - started < 3, "stream was not ended promptly"
+    # A retryable status with a clear message, so clients know to reconnect (not a silent OK).
+    assert bob.error is not None
+    assert bob.error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "shutting down" in (bob.error.details() or "")
     room.close()
 
 

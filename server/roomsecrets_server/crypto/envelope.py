@@ -46,6 +46,9 @@ class Envelope:
         self._keks = {kek_id: AESGCM(key) for kek_id, key in keks.items()}
         self.active_kek_id = active_kek_id
 
+    def __contains__(self, kek_id: str) -> bool:
+        return kek_id in self._keks
+
     def seal(self, plaintext: bytes, aad: bytes) -> bytes:
         dek = AESGCM.generate_key(bit_length=256)
         nonce = os.urandom(_NONCE)
@@ -68,9 +71,12 @@ class Envelope:
 
     @staticmethod
     def kek_id_of(sealed: bytes) -> str:
-        if len(sealed) < 2 or sealed[0] != _VERSION:
+        if len(sealed) < 2 or sealed[0] != _VERSION or len(sealed) < 2 + sealed[1]:
             raise IntegrityError("stored value has an unknown format")
-        return sealed[2 : 2 + sealed[1]].decode()
+        try:
+            return sealed[2 : 2 + sealed[1]].decode()
+        except UnicodeDecodeError:
+            raise IntegrityError("stored value has a corrupt key id") from None
 
     def _wrap(self, kek_id: str, dek: bytes) -> bytes:
         raw_id = kek_id.encode()

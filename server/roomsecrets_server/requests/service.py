@@ -33,6 +33,7 @@ from ..errors import (
     PermissionDenied,
     RequestRejected,
     RequestTimedOut,
+    Unavailable,
 )
 from ..secrets.service import SecretsService, SecretValue
 from ..store import ABSENT, RequestRecord, RequestState, SecretKey, Store, WriteCondition
@@ -123,11 +124,12 @@ class RequestService:
                 return "", value
 
         wait = float(timeout) if call_time_remaining is None else min(float(timeout), call_time_remaining)
+        deadline = time.time() + wait  # fixed now: waiting for a listener counts against it
         record = await self._store.find_pending_request(
             p.room, p.identity, target, SECRET, url, type_, delegate_to
         )
         if record is None:
-            record = await self._open(p, SECRET, target, url, type_, delegate_to, wait)
+            record = await self._open(p, SECRET, target, url, type_, delegate_to, deadline)
         else:  # the same question is already pending (e.g. asked again after a restart): join it
             self._audit.record(
                 "request_secret",
@@ -137,7 +139,7 @@ class RequestService:
                 request_id=record.request_id,
                 target=target,
             )
-        closed = await self._await_answer(record, time.time() + wait)
+        closed = await self._await_answer(record, deadline)
         return record.request_id, await self._provided_value(closed)
 
     async def _open(
@@ -148,11 +150,13 @@ class RequestService:
         url: str,
         type_: str,
         delegate_to: str,
-        wait: float,
+        deadline: float,
         params: bytes = b"",
     ) -> RequestRecord:
         action = f"request_{kind}"
-        if not await self._notifier.wait_listening(p.room, target, min(self.listener_grace, wait)):
+        if not await self._notifier.wait_listening(
+            p.room, target, min(self.listener_grace, deadline - time.time())
+        ):
             self._audit.record(action, room=p.room, actor=p.identity, outcome="not_listening", target=target)
             raise FailedPrecondition(
                 f"participant {target!r} is not listening for requests (no open WatchRequests stream)",
@@ -171,7 +175,7 @@ class RequestService:
             state=RequestState.PENDING,
             reason="",
             created=now,
-            deadline=now + wait,
+            deadline=deadline,
             params=params,
         )
         await self._store.create_request(record)
@@ -333,6 +337,8 @@ class RequestService:
                         continue
                     seen.add(event.record.request_id)
                 yield event
+            # The notifier only ends subscriptions when the server shuts down.
+            raise Unavailable("server is shutting down; reconnect to keep watching", reason="SHUTTING_DOWN")
         finally:
             self._notifier.unsubscribe(subscription)
 

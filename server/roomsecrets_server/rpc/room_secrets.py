@@ -82,7 +82,9 @@ def secret_info(record: SecretRecord, caller: str) -> pb.SecretInfo:
         name=record.name,
         delegated_to=key.delegated_to,
         etag=record.etag,
-        delegated_by=key.owner if key.owner != caller else "",
+        # Only for a secret another participant delegated to the caller (not, say, one an
+        # admin wrote for someone else with for_identity).
+        delegated_by=key.owner if key.owner != caller and key.delegated_to == caller else "",
         data_crc32c=record.crc32c,
         size=record.size,
         update_time=_timestamp(record.update_time),

@@ -27,6 +27,8 @@ from ..store import ABSENT, ANY, SecretKey, SecretRecord, Store, WriteCondition
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+# Three ids of at most 256 characters, JSON-quoted and base64-encoded, fit well within this.
+MAX_PAGE_TOKEN = 8192
 _WRITE_ATTEMPTS = 4  # retries when a concurrent writer changed the row between read and write
 
 
@@ -64,8 +66,11 @@ class SecretsService:
         )
 
     def open(self, record: SecretRecord) -> bytes:
-        data = self._keyring.envelope().open(record.sealed, _aad(record.key, record.type, record.etag))
-        return data
+        envelope = self._keyring.envelope()
+        if record.kek_id not in envelope:
+            # Rotated by another process (rewrap) since our last look at the keyring file.
+            envelope = self._keyring.reload()
+        return envelope.open(record.sealed, _aad(record.key, record.type, record.etag))
 
     def check_data(self, data: bytes, checksum: int | None, *, field: str = "data") -> None:
         validate.data(data, self.max_value_bytes, field)
@@ -257,9 +262,11 @@ def _encode_page_token(position: tuple[str, str, str]) -> str:
 
 
 def _decode_page_token(token: str) -> tuple[str, str, str]:
+    if len(token) > MAX_PAGE_TOKEN:
+        raise InvalidArgument("page_token", "is not a token returned by ListSecrets")
     try:
         doc = json.loads(base64.urlsafe_b64decode(token.encode()))
-    except (binascii.Error, ValueError, UnicodeDecodeError):
+    except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError):
         raise InvalidArgument("page_token", "is not a token returned by ListSecrets") from None
     if not (
         isinstance(doc, list) and len(doc) == 4 and doc[0] == "v1" and all(isinstance(x, str) for x in doc)

@@ -134,11 +134,16 @@ def _check_condition(conn: sqlite3.Connection, key: SecretKey, condition: WriteC
 
 
 def _put(conn: sqlite3.Connection, record: SecretRecord, condition: WriteCondition) -> None:
+    # An upsert on the primary key only: a clash on the (type, name) index must fail, never
+    # replace the other secret (INSERT OR REPLACE would silently delete it).
     _check_condition(conn, record.key, condition)
     k = record.key
     try:
         conn.execute(
-            f"INSERT OR REPLACE INTO secrets ({_VALUE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            f"INSERT INTO secrets ({_VALUE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "
+            "ON CONFLICT (room, owner, delegated_to, secret_id) DO UPDATE SET type=excluded.type, "
+            "name=excluded.name, etag=excluded.etag, crc32c=excluded.crc32c, size=excluded.size, "
+            "sealed=excluded.sealed, update_time=excluded.update_time, kek_id=excluded.kek_id",
             (
                 k.room,
                 k.owner,
