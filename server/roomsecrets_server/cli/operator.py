@@ -1,0 +1,351 @@
+"""Operator commands: `serve` (run the server), `token` (mint a development token with the data
+dir's dev signing key) and `rewrap` (move every value to the newest key-encryption key).
+
+Settings come from flags, then environment variables (ROOMSECRETS_*), then the defaults of
+roomsecrets_server.config.Settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from ..app import RoomSecretsServer, serve
+from ..auth.dev_key import DEV_KEY_FILE, mint_token
+from ..config import DEFAULT_LISTEN, Settings
+from ..crypto.keyring import KeyringFile
+from ..secrets.rewrap import rewrap_all
+from ..store.sqlite import SqliteStore
+from .errors import EXIT_OK, EXIT_USAGE, PROG, CliError
+
+log = logging.getLogger("roomsecrets")
+
+_DEFAULTS = Settings(data_dir=Path())
+ROLES = ("user", "agent", "tool")
+# After a rotation, wait this long before moving values under the new key: a running server
+# checks keyring.json at most once a second, and must know the new key before any value it
+# reads is sealed under it.
+KEYRING_SETTLE_SECONDS = 1.5
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(f"ROOMSECRETS_{name}")
+    return value if value not in (None, "") else default
+
+
+def env_flag(name: str) -> bool:
+    return (env(name) or "").lower() in ("1", "true", "yes", "on")
+
+
+def env_paths(name: str) -> list[Path]:
+    return [Path(p) for p in (env(name) or "").split(os.pathsep) if p]
+
+
+def non_negative(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text}")
+    return value
+
+
+def add_data_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=env("DATA_DIR", ".data"),
+        help="the server's data directory (env ROOMSECRETS_DATA_DIR; default .data)",
+    )
+
+
+# -- serve ----------------------------------------------------------------------------------------
+def add_serve(subparsers: Any) -> None:
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "serve",
+        help="run the server",
+        description="Run the roomsecrets gRPC server until SIGINT/SIGTERM, then shut down gracefully. "
+        "Every flag falls back to an environment variable ROOMSECRETS_<FLAG> "
+        "(e.g. ROOMSECRETS_LISTEN; lists are separated by the path separator).",
+    )
+    add_data_dir(p)
+    p.add_argument(
+        "--listen",
+        default=env("LISTEN", DEFAULT_LISTEN),
+        help=f"host:port to listen on; port 0 picks a free one (default {DEFAULT_LISTEN})",
+    )
+    p.add_argument(
+        "--max-value-bytes",
+        type=positive_int,
+        default=env("MAX_VALUE_BYTES", str(_DEFAULTS.max_value_bytes)),
+        help="largest secret value accepted (default %(default)s)",
+    )
+    p.add_argument(
+        "--listener-grace",
+        type=non_negative,
+        default=env("LISTENER_GRACE", str(_DEFAULTS.listener_grace)),
+        help="seconds a request waits for the asked participant to open WatchRequests, and a "
+        "participant may be gone before its pending requests are cancelled (default %(default)s)",
+    )
+    p.add_argument(
+        "--shutdown-grace",
+        type=non_negative,
+        default=env("SHUTDOWN_GRACE", str(_DEFAULTS.shutdown_grace)),
+        help="seconds calls in flight get to finish on shutdown (default %(default)s)",
+    )
+    p.add_argument(
+        "--sweep-interval",
+        type=non_negative,
+        default=env("SWEEP_INTERVAL", str(_DEFAULTS.sweep_interval)),
+        help=argparse.SUPPRESS,
+    )
+    p.add_argument("--tls-cert", type=Path, default=env("TLS_CERT"), help="server certificate (PEM)")
+    p.add_argument("--tls-key", type=Path, default=env("TLS_KEY"), help="server private key (PEM)")
+    p.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        default=env("TLS_CLIENT_CA"),
+        help="CA bundle for client certificates: enables mutual TLS (certificates required)",
+    )
+    p.add_argument(
+        "--allow-insecure-remote",
+        action="store_true",
+        default=env_flag("ALLOW_INSECURE_REMOTE"),
+        help="allow plaintext on a non-loopback address",
+    )
+    p.add_argument(
+        "--jwt-public-key",
+        dest="jwt_public_keys",
+        type=Path,
+        action="append",
+        default=None,
+        metavar="PEM",
+        help="a PEM public key that verifies tokens (its kid is the file name without extension); repeatable",
+    )
+    p.add_argument(
+        "--jwks",
+        dest="jwks_files",
+        type=Path,
+        action="append",
+        default=None,
+        metavar="FILE",
+        help="a JWKS file of token verification keys; repeatable",
+    )
+    p.add_argument(
+        "--no-dev-key",
+        action="store_true",
+        default=env_flag("NO_DEV_KEY"),
+        help="do not accept tokens signed with the data dir's development key",
+    )
+    p.add_argument(
+        "--audit-log", type=Path, default=env("AUDIT_LOG"), help="audit log file (default DATA_DIR/audit.log)"
+    )
+    p.add_argument(
+        "--log-level",
+        default=env("LOG_LEVEL", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
+        help="log level of the stderr log (default %(default)s)",
+    )
+    p.add_argument("--no-uvloop", action="store_true", help="use the default asyncio event loop")
+    p.set_defaults(run=run_serve)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    return Settings(
+        data_dir=args.data_dir,
+        listen=args.listen,
+        max_value_bytes=args.max_value_bytes,
+        listener_grace=args.listener_grace,
+        shutdown_grace=args.shutdown_grace,
+        sweep_interval=args.sweep_interval,
+        jwt_public_keys=tuple(args.jwt_public_keys or env_paths("JWT_PUBLIC_KEY")),
+        jwks_files=tuple(args.jwks_files or env_paths("JWKS")),
+        dev_signing_key=not args.no_dev_key,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        allow_insecure_remote=args.allow_insecure_remote,
+        audit_log=args.audit_log,
+    )
+
+
+def ready_line(server: RoomSecretsServer) -> str:
+    s = server.settings
+    transport = "mutual TLS" if s.tls_client_ca else "TLS" if s.tls_cert else "plaintext"
+    line = f"{PROG}: serving on {server.address} ({transport}, data dir {s.data_dir})"
+    if s.dev_signing_key:
+        line += f"; mint a token: {PROG} token --data-dir {s.data_dir} --identity NAME --room ROOM"
+    else:
+        line += "; tokens must be signed by the configured public keys"
+    return line
+
+
+def event_loop_runner(no_uvloop: bool) -> Callable[[Coroutine[Any, Any, None]], None]:
+    if not no_uvloop:
+        try:
+            import uvloop  # noqa: PLC0415 - optional; absent on Windows
+
+            return uvloop.run
+        except ImportError:
+            pass
+    return asyncio.run
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    settings = settings_from_args(args)
+    try:
+        settings.check()
+    except ValueError as error:
+        raise CliError(str(error), EXIT_USAGE) from None
+    for path in (settings.tls_cert, settings.tls_key, settings.tls_client_ca, *settings.jwt_public_keys):
+        if path is not None and not path.is_file():
+            raise CliError(f"no such file: {path}", EXIT_USAGE)
+
+    def on_ready(server: RoomSecretsServer) -> None:
+        print(ready_line(server), file=sys.stderr, flush=True)
+
+    try:
+        event_loop_runner(args.no_uvloop)(serve(settings, on_ready))
+    except (OSError, RuntimeError) as error:  # e.g. the port is taken, a key file is unreadable
+        raise CliError(f"cannot start the server: {error}") from None
+    return EXIT_OK
+
+
+# -- token ----------------------------------------------------------------------------------------
+def add_token(subparsers: Any) -> None:
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "token",
+        help="mint a development token",
+        description="Print a participant JWT signed with the development key in the data dir "
+        "(created if absent). For development and grpcurl.",
+    )
+    add_data_dir(p)
+    p.add_argument("--identity", required=True, help="the participant identity (the token's `name`)")
+    p.add_argument(
+        "--room", default=env("ROOM"), required=env("ROOM") is None, help="the room (env ROOMSECRETS_ROOM)"
+    )
+    p.add_argument(
+        "--grant",
+        action="append",
+        choices=["secrets", "admin"],
+        default=None,
+        help="an API grant to include; repeatable (`secrets` is included unless --no-secrets)",
+    )
+    p.add_argument("--admin", action="store_true", help="include the room admin grant (as --grant admin)")
+    p.add_argument("--no-secrets", action="store_true", help="leave out the `secrets` API grant")
+    p.add_argument("--role", choices=ROLES, default="user", help="participant role (default user)")
+    p.add_argument(
+        "--project", default="dev-project", help="project id, the token's `sub` (default dev-project)"
+    )
+    p.add_argument("--ttl", type=positive_int, default=3600, help="lifetime in seconds (default 3600)")
+    p.add_argument(
+        "--allow-oauth",
+        nargs=2,
+        action="append",
+        metavar=("ENDPOINT", "CLIENT_ID"),
+        help="limit OAuth requests to this authorization endpoint (a trailing * matches a prefix) "
+        "and client id; repeatable (absent: any)",
+    )
+    p.set_defaults(run=run_token)
+
+
+def run_token(args: argparse.Namespace) -> int:
+    grants = set(args.grant or ())
+    if args.no_secrets and "secrets" in grants:
+        raise CliError("--no-secrets contradicts --grant secrets", EXIT_USAGE)
+    data_dir: Path = args.data_dir
+    if not (data_dir / DEV_KEY_FILE).exists():
+        print(
+            f"{PROG}: note: created a new development signing key in {data_dir}; only a server "
+            "using this data dir accepts the token",
+            file=sys.stderr,
+        )
+    oauth = [{"endpoint": e, "client_id": c} for e, c in args.allow_oauth] if args.allow_oauth else None
+    token = mint_token(
+        data_dir,
+        identity=args.identity,
+        room=args.room,
+        project=args.project,
+        role=args.role,
+        secrets_grant=not args.no_secrets,
+        admin=args.admin or "admin" in grants,
+        ttl=args.ttl,
+        request_oauth_token=oauth,
+    )
+    print(token)
+    return EXIT_OK
+
+
+# -- rewrap ---------------------------------------------------------------------------------------
+def add_rewrap(subparsers: Any) -> None:
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "rewrap",
+        help="re-wrap every value under the newest key-encryption key (online)",
+        description="Re-wrap every stored data key under the newest key-encryption key; with "
+        "--rotate, first add a new key and make it active. Safe while the server runs (it reloads "
+        "keyring.json within a second). Values are never decrypted; no key material is printed.",
+    )
+    add_data_dir(p)
+    p.add_argument("--rotate", action="store_true", help="add a new key-encryption key first")
+    p.add_argument(
+        "--settle",
+        type=non_negative,
+        default=KEYRING_SETTLE_SECONDS,
+        help="after --rotate, seconds to wait so running servers load the new key before values "
+        "move under it (default %(default)s)",
+    )
+    p.set_defaults(run=run_rewrap)
+
+
+def run_rewrap(args: argparse.Namespace) -> int:
+    settings = Settings(data_dir=args.data_dir)
+    if not settings.keyring_path.is_file():
+        raise CliError(f"no keyring at {settings.keyring_path} (is --data-dir right?)")
+    if not settings.database_path.is_file():
+        raise CliError(f"no database at {settings.database_path} (is --data-dir right?)")
+    keyring = KeyringFile(settings.keyring_path)
+    try:
+        keyring.envelope()
+    except (OSError, ValueError, KeyError) as error:
+        raise CliError(f"cannot read the keyring: {error}") from None
+    if args.rotate:
+        new_id = keyring.rotate()
+        print(f"rotated: key-encryption key {new_id} is now active ({key_count(keyring)} keys)")
+        time.sleep(args.settle)
+    moved = asyncio.run(_rewrap(settings, keyring))
+    active = keyring.envelope().active_kek_id
+    print(f"re-wrapped {moved} values under key-encryption key {active}")
+    return EXIT_OK
+
+
+def key_count(keyring: KeyringFile) -> int:
+    return len(json.loads(keyring.path.read_text())["keys"])
+
+
+async def _rewrap(settings: Settings, keyring: KeyringFile) -> int:
+    store = SqliteStore(settings.database_path)
+    try:
+        return await rewrap_all(store, keyring)
+    except TimeoutError as error:
+        raise CliError(f"rewrap did not finish: {error}") from None
+    finally:
+        await store.close()
