@@ -1,0 +1,379 @@
+"""The real server with parts of the GetSecret path switched off, or replaced by a prototype of a
+cheaper version, by monkeypatching in this process only (benchmark diagnosis; the server's code
+is untouched). Comparing its CPU per call under load with the real server's shows what each part
+costs *under load*, which in-process timings (bench.hotpath) understate.
+
+    python -m bench.serve_ablated --data-dir D --ablate NAME,... [--gc-stats] [--no-uvloop]
+
+Removals (upper bounds: what the part costs in total):
+  audit         AuditLog.record does nothing
+  sqlite        SqliteStore.get_secret answers from a dict once a key was read (no invalidation:
+                GetSecret loads only)
+  crypto        SecretsService.open answers from a dict once a sealed blob was opened
+  response      secret_info() and GetSecretResponse(...) reuse the first message built
+  handler       GetSecret returns the first reply it built: the real server's process, threads
+                and services around an echo handler
+  gc            the garbage collector is disabled once the server is up
+
+Prototypes (behaviour-preserving candidates for the server; see bench/README.md):
+  opt-audit     AuditLog.record appends a tuple; AuditLog.flush JSON-encodes the batch
+  opt-sqlite    SqliteStore.get_secret keeps records in a dict, emptied whenever
+                `PRAGMA data_version` on the read connection changes (any commit by the writer
+                thread or another process), with the SELECT built once
+  opt-crypto    SecretsService.open keeps an AESGCM per wrapped data key (bounded dict), so a read
+                is one AES-GCM decrypt instead of unwrap + key setup + decrypt
+  opt-response  secret_info() keeps the SecretInfo per (key, etag, caller) (bounded dict)
+  opt-value-cache
+                SecretsService.get_secret (by id) keeps decrypted values per key, emptied whenever
+                `PRAGMA data_version` changes; scope checks and audit still run per call. Keeps
+                plaintext in memory: a trade-off, not a free fix
+
+--gc-stats prints collections per generation and the time spent in them to stderr at exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import gc
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from roomsecrets.v1 import room_secrets_pb2 as pb
+from roomsecrets_server import validate
+from roomsecrets_server.app import RoomSecretsServer, serve
+from roomsecrets_server.audit import AuditLog
+from roomsecrets_server.auth.principal import Principal
+from roomsecrets_server.config import Settings
+from roomsecrets_server.errors import IntegrityError, NotFound
+from roomsecrets_server.rpc import room_secrets as rpc
+from roomsecrets_server.secrets import service as secrets_service
+from roomsecrets_server.secrets.service import SecretsService, SecretValue
+from roomsecrets_server.store import SecretKey, SecretRecord
+from roomsecrets_server.store import sqlite as sqlite_store
+from roomsecrets_server.store.sqlite import SqliteStore
+
+from ._common import announce_ready, loop_name, run_loop
+
+CACHE_LIMIT = 10_000
+
+
+# -- removals -------------------------------------------------------------------------------------
+def no_audit() -> None:
+    AuditLog.record = lambda self, *a, **k: None  # type: ignore[method-assign]
+
+
+def no_sqlite() -> None:
+    original = SqliteStore.get_secret
+    rows: dict[SecretKey, SecretRecord] = {}
+
+    async def get_secret(self: SqliteStore, key: SecretKey) -> SecretRecord | None:
+        found = rows.get(key)
+        if found is None:
+            found = await original(self, key)
+            if found is not None:
+                rows[key] = found
+        return found
+
+    SqliteStore.get_secret = get_secret  # type: ignore[method-assign]
+
+
+def no_crypto() -> None:
+    original = SecretsService.open
+    plain: dict[bytes, bytes] = {}
+
+    def open_(self: SecretsService, record: SecretRecord) -> bytes:
+        data = plain.get(record.sealed)
+        if data is None:
+            data = plain[record.sealed] = original(self, record)
+        return data
+
+    SecretsService.open = open_  # type: ignore[method-assign]
+
+
+def no_response() -> None:
+    original_info = rpc.secret_info
+    infos: list[pb.SecretInfo] = []
+
+    def secret_info(record: SecretRecord, caller: str) -> pb.SecretInfo:
+        if not infos:
+            infos.append(original_info(record, caller))
+        return infos[0]
+
+    replies: list[pb.GetSecretResponse] = []
+
+    def get_secret_response(**fields: Any) -> pb.GetSecretResponse:
+        if not replies:
+            replies.append(pb.GetSecretResponse(**fields))
+        return replies[0]
+
+    rpc.secret_info = secret_info
+    setattr(rpc, "pb", _ModuleProxy(pb, GetSecretResponse=get_secret_response))  # noqa: B010
+
+
+def no_handler() -> None:
+    original = rpc.RoomSecretsServicer.GetSecret
+    replies: list[Any] = []
+
+    async def get_secret(self: rpc.RoomSecretsServicer, request: Any, context: Any) -> Any:
+        if not replies:
+            replies.append(await original(self, request, context))
+        return replies[0]
+
+    rpc.RoomSecretsServicer.GetSecret = get_secret  # type: ignore[method-assign]
+
+
+class _ModuleProxy:
+    def __init__(self, module: Any, **overrides: Any) -> None:
+        self._module = module
+        self._overrides = overrides
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self._overrides:
+            return self._overrides[name]
+        return getattr(self._module, name)
+
+
+# -- prototypes -----------------------------------------------------------------------------------
+_AUDIT_FIELDS = ("secret_id", "owner", "delegated_to", "request_id", "target")
+
+
+def opt_audit() -> None:
+    def record(
+        self: AuditLog,
+        action: str,
+        *,
+        room: str,
+        actor: str,
+        outcome: str = "ok",
+        secret_id: str = "",
+        owner: str = "",
+        delegated_to: str = "",
+        request_id: str = "",
+        target: str = "",
+    ) -> None:
+        if self._file is None:
+            return
+        row = (time.time(), action, room, actor, outcome, secret_id, owner, delegated_to, request_id, target)
+        self._buffer.append(row)  # type: ignore[arg-type]  # tuples until flush
+
+    def flush(self: AuditLog) -> None:
+        if self._file is not None and self._buffer:
+            rows, self._buffer = self._buffer, []
+            self._file.write("".join(_audit_line(row) for row in rows))  # type: ignore[arg-type]
+            self._file.flush()
+
+    AuditLog.record = record  # type: ignore[method-assign]
+    AuditLog.flush = flush  # type: ignore[method-assign]
+
+
+def _audit_line(row: tuple[Any, ...]) -> str:
+    ts, action, room, actor, outcome = row[:5]
+    entry = {"ts": round(ts, 6), "action": action, "room": room, "actor": actor, "outcome": outcome}
+    for key, value in zip(_AUDIT_FIELDS, row[5:], strict=True):
+        if value:
+            entry[key] = value
+    return json.dumps(entry, separators=(",", ":")) + "\n"
+
+
+def opt_sqlite() -> None:
+    sql = (
+        f"SELECT {sqlite_store._VALUE_COLUMNS} FROM secrets "
+        "WHERE room=? AND owner=? AND delegated_to=? AND secret_id=?"
+    )
+    rows: dict[SecretKey, SecretRecord] = {}
+    seen: list[int] = [-1]
+
+    async def get_secret(self: SqliteStore, key: SecretKey) -> SecretRecord | None:
+        version = self._one("PRAGMA data_version", ())
+        if version is None or version[0] != seen[0] or len(rows) >= CACHE_LIMIT:
+            rows.clear()
+            seen[0] = version[0] if version else -1
+        found = rows.get(key)
+        if found is None:
+            row = self._one(sql, (key.room, key.owner, key.delegated_to, key.secret_id))
+            if row is None:
+                return None
+            found = rows[key] = sqlite_store._secret(row)
+        return found
+
+    SqliteStore.get_secret = get_secret  # type: ignore[method-assign]
+
+
+def opt_crypto() -> None:
+    aeads: dict[bytes, AESGCM] = {}
+    nonce, wrapped = 12, 48
+
+    def open_(self: SecretsService, record: SecretRecord) -> bytes:
+        sealed = record.sealed
+        if len(sealed) < 2:
+            raise IntegrityError("stored value has an unknown format")
+        wrap_end = 2 + sealed[1] + nonce + wrapped
+        head = sealed[:wrap_end]
+        aead = aeads.get(head)
+        if aead is None:
+            _, dek, _ = self._keyring.envelope()._unwrap(sealed)  # all the format and KEK checks
+            if len(aeads) >= CACHE_LIMIT:
+                aeads.clear()
+            aead = aeads[head] = AESGCM(dek)
+        aad = secrets_service._aad(record.key, record.type, record.etag)
+        try:
+            return aead.decrypt(sealed[wrap_end : wrap_end + nonce], sealed[wrap_end + nonce :], aad)
+        except InvalidTag:
+            raise IntegrityError("stored value failed its integrity check") from None
+
+    SecretsService.open = open_  # type: ignore[method-assign]
+
+
+def opt_response() -> None:
+    original = rpc.secret_info
+    infos: dict[tuple[SecretKey, str, str], pb.SecretInfo] = {}
+
+    def secret_info(record: SecretRecord, caller: str) -> pb.SecretInfo:
+        key = (record.key, record.etag, caller)
+        info = infos.get(key)
+        if info is None:
+            if len(infos) >= CACHE_LIMIT:
+                infos.clear()
+            info = infos[key] = original(record, caller)
+        return info
+
+    rpc.secret_info = secret_info
+
+
+def opt_value_cache() -> None:
+    """GetSecret by id answers from a dict of decrypted values, emptied whenever `PRAGMA data_version`
+    changes. Plaintext stays in memory after the call: a security trade-off, see bench/README.md."""
+    original = SecretsService.get_secret
+    values: dict[SecretKey, SecretValue] = {}
+    seen: list[int] = [-1]
+
+    async def get_secret(
+        self: SecretsService,
+        p: Principal,
+        *,
+        secret_id: str,
+        type_: str,
+        name: str,
+        delegated_to: str,
+        delegated_by: str,
+    ) -> SecretValue:
+        store = self._store
+        if not secret_id or not isinstance(store, SqliteStore):
+            return await original(
+                self,
+                p,
+                secret_id=secret_id,
+                type_=type_,
+                name=name,
+                delegated_to=delegated_to,
+                delegated_by=delegated_by,
+            )
+        p.require_secrets()
+        owner, delegated_to = self._read_scope(p, delegated_to, delegated_by)
+        validate.secret_id(secret_id)
+        version = store._one("PRAGMA data_version", ())
+        if version is None or version[0] != seen[0] or len(values) >= CACHE_LIMIT:
+            values.clear()
+            seen[0] = version[0] if version else -1
+        key = SecretKey(p.room, owner, delegated_to, secret_id)
+        value = values.get(key)
+        if value is None:
+            record = await store.get_secret(key)
+            if record is None:
+                raise NotFound(f"secret {secret_id!r} not found")
+            value = values[key] = SecretValue(record, self.open(record))
+        self._audit.record(
+            "get_secret",
+            room=p.room,
+            actor=p.identity,
+            secret_id=secret_id,
+            owner=owner,
+            delegated_to=delegated_to,
+        )
+        return value
+
+    SecretsService.get_secret = get_secret  # type: ignore[method-assign]
+
+
+ABLATIONS: dict[str, Callable[[], None]] = {
+    "audit": no_audit,
+    "sqlite": no_sqlite,
+    "crypto": no_crypto,
+    "response": no_response,
+    "handler": no_handler,
+    "gc": lambda: None,  # applied once the server is up
+    "opt-audit": opt_audit,
+    "opt-sqlite": opt_sqlite,
+    "opt-crypto": opt_crypto,
+    "opt-response": opt_response,
+    "opt-value-cache": opt_value_cache,
+}
+
+
+class GcStats:
+    def __init__(self) -> None:
+        self.count = [0, 0, 0]
+        self.seconds = [0.0, 0.0, 0.0]
+        self._start = 0.0
+
+    def callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            gen = info["generation"]
+            self.count[gen] += 1
+            self.seconds[gen] += time.perf_counter() - self._start
+
+    def report(self) -> None:
+        print(
+            f"GC collections {self.count}, seconds {[round(s, 4) for s in self.seconds]}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.serve_ablated",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--listen", default="127.0.0.1:0")
+    parser.add_argument("--ablate", default="", help=f"comma-separated, from {', '.join(ABLATIONS)}")
+    parser.add_argument("--gc-stats", action="store_true")
+    parser.add_argument("--no-uvloop", action="store_true")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.ablate.split(",") if n.strip()]
+    unknown = set(names) - set(ABLATIONS)
+    if unknown:
+        parser.error(f"unknown ablation(s): {', '.join(sorted(unknown))}")
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
+    for name in names:
+        ABLATIONS[name]()
+    if args.gc_stats:
+        stats = GcStats()
+        gc.callbacks.append(stats.callback)
+        atexit.register(stats.report)
+    loop = loop_name(not args.no_uvloop)
+
+    def on_ready(server: RoomSecretsServer) -> None:
+        if "gc" in names:
+            gc.collect()
+            gc.disable()
+        announce_ready(server.port, loop)
+
+    run_loop(serve(Settings(data_dir=args.data_dir, listen=args.listen), on_ready), not args.no_uvloop)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

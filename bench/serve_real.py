@@ -1,0 +1,41 @@
+"""The real roomsecrets server for benchmarks: `roomsecrets_server.app.serve` with default settings
+(SQLite store, keyring, audit log, dev signing key), on uvloop like `roomsecrets serve`.
+
+    python -m bench.serve_real --data-dir D [--listen 127.0.0.1:0] [--no-uvloop]
+
+Prints `READY <port> <loop>` on stdout once serving; stops gracefully on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from roomsecrets_server.app import RoomSecretsServer, serve
+from roomsecrets_server.config import Settings
+
+from ._common import announce_ready, loop_name, run_loop
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.serve_real", description=__doc__)
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--listen", default="127.0.0.1:0", help="host:port; port 0 picks a free one")
+    parser.add_argument("--no-uvloop", action="store_true", help="use the default asyncio event loop")
+    args = parser.parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
+    settings = Settings(data_dir=args.data_dir, listen=args.listen)
+    loop = loop_name(not args.no_uvloop)
+
+    def on_ready(server: RoomSecretsServer) -> None:
+        announce_ready(server.port, loop)
+
+    run_loop(serve(settings, on_ready), not args.no_uvloop)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
