@@ -15,13 +15,11 @@ Removals (upper bounds: what the part costs in total):
                 and services around an echo handler
   gc            the garbage collector is disabled once the server is up
 
-Prototypes (behaviour-preserving candidates for the server; see bench/README.md):
-  opt-audit     AuditLog.record appends a tuple; AuditLog.flush JSON-encodes the batch
+Prototypes (behaviour-preserving candidates for the server; see bench/README.md; the audit and
+data-key-cache prototypes were adopted by the server):
   opt-sqlite    SqliteStore.get_secret keeps records in a dict, emptied whenever
                 `PRAGMA data_version` on the read connection changes (any commit by the writer
                 thread or another process), with the SELECT built once
-  opt-crypto    SecretsService.open keeps an AESGCM per wrapped data key (bounded dict), so a read
-                is one AES-GCM decrypt instead of unwrap + key setup + decrypt
   opt-response  secret_info() keeps the SecretInfo per (key, etag, caller) (bounded dict)
   opt-value-cache
                 SecretsService.get_secret (by id) keeps decrypted values per key, emptied whenever
@@ -36,7 +34,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import gc
-import json
 import logging
 import sys
 import time
@@ -44,17 +41,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from roomsecrets.v1 import room_secrets_pb2 as pb
 from roomsecrets_server import validate
 from roomsecrets_server.app import RoomSecretsServer, serve
 from roomsecrets_server.audit import AuditLog
 from roomsecrets_server.auth.principal import Principal
 from roomsecrets_server.config import Settings
-from roomsecrets_server.errors import IntegrityError, NotFound
+from roomsecrets_server.errors import NotFound
 from roomsecrets_server.rpc import room_secrets as rpc
-from roomsecrets_server.secrets import service as secrets_service
 from roomsecrets_server.secrets.service import SecretsService, SecretValue
 from roomsecrets_server.store import SecretKey, SecretRecord
 from roomsecrets_server.store import sqlite as sqlite_store
@@ -142,47 +136,6 @@ class _ModuleProxy:
 
 
 # -- prototypes -----------------------------------------------------------------------------------
-_AUDIT_FIELDS = ("secret_id", "owner", "delegated_to", "request_id", "target")
-
-
-def opt_audit() -> None:
-    def record(
-        self: AuditLog,
-        action: str,
-        *,
-        room: str,
-        actor: str,
-        outcome: str = "ok",
-        secret_id: str = "",
-        owner: str = "",
-        delegated_to: str = "",
-        request_id: str = "",
-        target: str = "",
-    ) -> None:
-        if self._file is None:
-            return
-        row = (time.time(), action, room, actor, outcome, secret_id, owner, delegated_to, request_id, target)
-        self._buffer.append(row)  # type: ignore[arg-type]  # tuples until flush
-
-    def flush(self: AuditLog) -> None:
-        if self._file is not None and self._buffer:
-            rows, self._buffer = self._buffer, []
-            self._file.write("".join(_audit_line(row) for row in rows))  # type: ignore[arg-type]
-            self._file.flush()
-
-    AuditLog.record = record  # type: ignore[method-assign]
-    AuditLog.flush = flush  # type: ignore[method-assign]
-
-
-def _audit_line(row: tuple[Any, ...]) -> str:
-    ts, action, room, actor, outcome = row[:5]
-    entry = {"ts": round(ts, 6), "action": action, "room": room, "actor": actor, "outcome": outcome}
-    for key, value in zip(_AUDIT_FIELDS, row[5:], strict=True):
-        if value:
-            entry[key] = value
-    return json.dumps(entry, separators=(",", ":")) + "\n"
-
-
 def opt_sqlite() -> None:
     sql = (
         f"SELECT {sqlite_store._VALUE_COLUMNS} FROM secrets "
@@ -205,31 +158,6 @@ def opt_sqlite() -> None:
         return found
 
     SqliteStore.get_secret = get_secret  # type: ignore[method-assign]
-
-
-def opt_crypto() -> None:
-    aeads: dict[bytes, AESGCM] = {}
-    nonce, wrapped = 12, 48
-
-    def open_(self: SecretsService, record: SecretRecord) -> bytes:
-        sealed = record.sealed
-        if len(sealed) < 2:
-            raise IntegrityError("stored value has an unknown format")
-        wrap_end = 2 + sealed[1] + nonce + wrapped
-        head = sealed[:wrap_end]
-        aead = aeads.get(head)
-        if aead is None:
-            _, dek, _ = self._keyring.envelope()._unwrap(sealed)  # all the format and KEK checks
-            if len(aeads) >= CACHE_LIMIT:
-                aeads.clear()
-            aead = aeads[head] = AESGCM(dek)
-        aad = secrets_service._aad(record.key, record.type, record.etag)
-        try:
-            return aead.decrypt(sealed[wrap_end : wrap_end + nonce], sealed[wrap_end + nonce :], aad)
-        except InvalidTag:
-            raise IntegrityError("stored value failed its integrity check") from None
-
-    SecretsService.open = open_  # type: ignore[method-assign]
 
 
 def opt_response() -> None:
@@ -310,9 +238,7 @@ ABLATIONS: dict[str, Callable[[], None]] = {
     "response": no_response,
     "handler": no_handler,
     "gc": lambda: None,  # applied once the server is up
-    "opt-audit": opt_audit,
     "opt-sqlite": opt_sqlite,
-    "opt-crypto": opt_crypto,
     "opt-response": opt_response,
     "opt-value-cache": opt_value_cache,
 }

@@ -23,6 +23,7 @@ from ..errors import IntegrityError
 _VERSION = 1
 _NONCE = 12
 _WRAPPED_DEK = 32 + 16
+DEK_CACHE_SIZE = 4096
 
 
 def place(*parts: str) -> bytes:
@@ -44,6 +45,7 @@ class Envelope:
             if len(key) != 32 or not 0 < len(kek_id.encode()) < 256:
                 raise ValueError("key-encryption keys must be 32 bytes with a short id")
         self._keks = {kek_id: AESGCM(key) for kek_id, key in keks.items()}
+        self._dek_ciphers: dict[bytes, AESGCM] = {}
         self.active_kek_id = active_kek_id
 
     def __contains__(self, kek_id: str) -> bool:
@@ -56,9 +58,18 @@ class Envelope:
         return self._wrap(self.active_kek_id, dek) + nonce + ciphertext
 
     def open(self, sealed: bytes, aad: bytes) -> bytes:
-        _, dek, body = self._unwrap(sealed)
+        # Unwrapped data keys are cached by their wrapped bytes (bounded): a hot read then costs
+        # one AES-GCM decrypt, not two. A tampered header is a different key, so a cache miss.
+        wrap_end = 2 + (sealed[1] if len(sealed) > 1 else 0) + _NONCE + _WRAPPED_DEK
+        cipher = self._dek_ciphers.get(sealed[:wrap_end])
+        if cipher is None:
+            _, dek, _ = self._unwrap(sealed)
+            cipher = AESGCM(dek)
+            if len(self._dek_ciphers) >= DEK_CACHE_SIZE:
+                del self._dek_ciphers[next(iter(self._dek_ciphers))]
+            self._dek_ciphers[sealed[:wrap_end]] = cipher
         try:
-            return AESGCM(dek).decrypt(body[:_NONCE], body[_NONCE:], aad)
+            return cipher.decrypt(sealed[wrap_end : wrap_end + _NONCE], sealed[wrap_end + _NONCE :], aad)
         except InvalidTag:
             raise IntegrityError("stored value failed its integrity check") from None
 

@@ -14,7 +14,7 @@ import json
 import secrets as pysecrets
 import time
 import uuid
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .. import validate
 from ..audit import AuditLog
@@ -32,8 +32,7 @@ MAX_PAGE_TOKEN = 8192
 _WRITE_ATTEMPTS = 4  # retries when a concurrent writer changed the row between read and write
 
 
-@dataclass(frozen=True, slots=True)
-class SecretValue:
+class SecretValue(NamedTuple):
     record: SecretRecord
     data: bytes
 

@@ -76,6 +76,11 @@ _REQUEST_COLUMNS = (
 )
 
 
+_GET_SECRET = (
+    f"SELECT {_VALUE_COLUMNS} FROM secrets WHERE room=? AND owner=? AND delegated_to=? AND secret_id=?"
+)
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -85,17 +90,7 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 def _secret(row: tuple[Any, ...]) -> SecretRecord:
-    return SecretRecord(
-        key=SecretKey(row[0], row[1], row[2], row[3]),
-        type=row[4],
-        name=row[5],
-        etag=row[6],
-        crc32c=row[7],
-        size=row[8],
-        sealed=row[9],
-        update_time=row[10],
-        kek_id=row[11],
-    )
+    return SecretRecord(SecretKey(row[0], row[1], row[2], row[3]), *row[4:])
 
 
 def _request(row: tuple[Any, ...]) -> RequestRecord:
@@ -263,11 +258,7 @@ class SqliteStore:
 
     # -- secrets ------------------------------------------------------------------------------
     async def get_secret(self, key: SecretKey) -> SecretRecord | None:
-        row = self._one(
-            f"SELECT {_VALUE_COLUMNS} FROM secrets "
-            "WHERE room=? AND owner=? AND delegated_to=? AND secret_id=?",
-            (key.room, key.owner, key.delegated_to, key.secret_id),
-        )
+        row = self._one(_GET_SECRET, key)  # SecretKey is a tuple in column order
         return _secret(row) if row else None
 
     async def find_secrets(
