@@ -6,7 +6,8 @@ interleaved rounds. The CPU per call saved by switching a part off is that part'
 
 Variants: echo, real; removals no-audit, no-sqlite, no-crypto, no-response, no-gc, bare-handler
 and no-data (the first four together); prototypes opt-sqlite, opt-response and opt-all (both);
-opt-value-cache (a plaintext cache, a trade-off) and opt-all-cache (it with opt-response). See bench.serve_ablated for what each one patches.
+opt-value-cache (a plaintext cache, a trade-off) and opt-all-cache (it with opt-response).
+See bench.serve_ablated for what each one patches.
 Server on CPU 0, ghz on CPU 1, same load as bench.run. Writes bench/results/ablate-<timestamp>.json.
 """
 
