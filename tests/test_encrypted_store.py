@@ -364,6 +364,22 @@ def test_changed_associated_data_column_is_data_loss(
     assert_data_loss(err, value)
 
 
+def test_a_row_changed_by_another_connection_is_never_served_from_the_read_cache(
+    servers: Servers, data_dir: Path
+) -> None:
+    """The server keeps recently read sealed rows; a commit by any other connection (here a
+    direct write to the database file) must be seen by the very next read."""
+    room = servers.start()
+    alice = room.auth("alice")
+    set_secret(room, alice, secret_id="cached", data=b"first")
+    for _ in range(3):  # read repeatedly so the row is certainly cached
+        assert get_data(room, alice, "cached") == b"first"
+    assert execute(data_dir, "UPDATE secrets SET etag='0123456789abcdef' WHERE secret_id='cached'") == 1
+    fails(lambda: get_data(room, alice, "cached"), grpc.StatusCode.DATA_LOSS)
+    assert execute(data_dir, "DELETE FROM secrets WHERE secret_id='cached'") == 1
+    fails(lambda: get_data(room, alice, "cached"), grpc.StatusCode.NOT_FOUND)
+
+
 # -- durability ---------------------------------------------------------------------------------------
 def test_acknowledged_values_survive_a_restart(servers: Servers, data_dir: Path) -> None:
     room = servers.start()

@@ -8,8 +8,8 @@ auditing costs the hot path one tuple and a list append, not a write.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
+from json.encoder import encode_basestring_ascii as _escape
 from pathlib import Path
 from typing import IO
 
@@ -90,9 +90,15 @@ _FIELDS = (
 )
 
 
+_ALWAYS = frozenset(("action", "room", "actor", "outcome"))
+
+
 def _line(entry: tuple[float | str, ...]) -> str:
-    doc: dict[str, float | str] = {"ts": round(float(entry[0]), 6)}
+    # Built by hand with json's own C string escaper (ASCII-only output, like json.dumps): the
+    # same JSON object as json.dumps of a dict, at half the cost.
+    out = ['{"ts":', repr(round(float(entry[0]), 6))]
     for name, value in zip(_FIELDS[1:], entry[1:], strict=True):
-        if value or name in ("action", "room", "actor", "outcome"):
-            doc[name] = value
-    return json.dumps(doc, separators=(",", ":")) + "\n"
+        if value or name in _ALWAYS:
+            out.append(f',"{name}":{_escape(str(value))}')
+    out.append("}\n")
+    return "".join(out)

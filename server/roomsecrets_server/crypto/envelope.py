@@ -28,11 +28,12 @@ DEK_CACHE_SIZE = 4096
 
 def place(*parts: str) -> bytes:
     """Associated data naming where a value lives. Length-prefixed, so parts cannot run together."""
-    out = bytearray(b"roomsecrets.v1")
+    out = [b"roomsecrets.v1"]
     for part in parts:
         raw = part.encode()
-        out += len(raw).to_bytes(4, "big") + raw
-    return bytes(out)
+        out.append(len(raw).to_bytes(4, "big"))
+        out.append(raw)
+    return b"".join(out)
 
 
 class Envelope:

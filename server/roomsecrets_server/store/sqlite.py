@@ -10,6 +10,8 @@ a write acknowledged OK is on disk.
 from __future__ import annotations
 
 import asyncio
+import mmap
+import os
 import queue
 import sqlite3
 import threading
@@ -79,6 +81,11 @@ _REQUEST_COLUMNS = (
 _GET_SECRET = (
     f"SELECT {_VALUE_COLUMNS} FROM secrets WHERE room=? AND owner=? AND delegated_to=? AND secret_id=?"
 )
+# Sealed records recently read by key. Only ciphertext is kept, and the whole cache is dropped as
+# soon as any connection (our writer thread, a rewrap, another server process) commits, so a read
+# never returns a row older than the last commit.
+RECORD_CACHE_SIZE = 4096
+_WAL_INDEX_HEADER = 48  # https://www.sqlite.org/walformat.html#the_wal_index_header
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -233,13 +240,56 @@ def _resolve(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
         future.set_exception(value)
 
 
+class _CommitWatch:
+    """Tells whether any connection committed since the last look.
+
+    SQLite itself decides whether its page cache is still valid by comparing the WAL-index header
+    in the shared-memory file (`<db>-shm`), which every commit rewrites. Reading those 48 bytes
+    from a mapping costs a memory read; `PRAGMA data_version` gives the same answer but is a
+    statement, which releases the GIL and so costs a thread switch per call under load. The
+    mapping is safe while this process holds a connection: SQLite truncates the file only when it
+    is the sole user. Falls back to the pragma when the file cannot be mapped.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self._conn = conn
+        self._seen: object = None
+        self._shm: mmap.mmap | None = None
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # the -shm exists from here
+        try:
+            with open(f"{path}-shm", "rb") as shm:
+                if os.fstat(shm.fileno()).st_size >= _WAL_INDEX_HEADER:
+                    self._shm = mmap.mmap(shm.fileno(), _WAL_INDEX_HEADER, access=mmap.ACCESS_READ)
+        except OSError:
+            self._shm = None
+
+    def changed(self) -> bool:
+        now: object
+        if self._shm is not None:
+            now = self._shm[:_WAL_INDEX_HEADER]
+        else:
+            now = self._conn.execute("PRAGMA data_version").fetchone()
+        if now == self._seen:
+            return False
+        self._seen = now
+        return True
+
+    def close(self) -> None:
+        if self._shm is not None:
+            self._shm.close()
+            self._shm = None
+
+
 class SqliteStore:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._writer = _Writer(path)  # creates the schema first
         self._read = _connect(path)
+        self._records: dict[SecretKey, SecretRecord] = {}
+        self._commits = _CommitWatch(self._read, path)
 
     async def close(self) -> None:
+        self._commits.close()  # before the connections: see _CommitWatch
         self._writer.close()
         self._read.close()
 
@@ -258,8 +308,15 @@ class SqliteStore:
 
     # -- secrets ------------------------------------------------------------------------------
     async def get_secret(self, key: SecretKey) -> SecretRecord | None:
-        row = self._one(_GET_SECRET, key)  # SecretKey is a tuple in column order
-        return _secret(row) if row else None
+        if self._commits.changed() or len(self._records) >= RECORD_CACHE_SIZE:
+            self._records.clear()
+        record = self._records.get(key)
+        if record is None:
+            row = self._one(_GET_SECRET, key)  # SecretKey is a tuple in column order
+            if row is None:
+                return None
+            record = self._records[key] = _secret(row)
+        return record
 
     async def find_secrets(
         self, room: str, owner: str, delegated_to: str, type_: str, name: str
