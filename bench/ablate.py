@@ -5,8 +5,7 @@ interleaved rounds. The CPU per call saved by switching a part off is that part'
     python -m bench.ablate [--rounds 3] [--duration 5s] [--warmup 1s] [--variants a,b,...]
 
 Variants: echo, real; removals no-audit, no-sqlite, no-crypto, no-response, no-gc, bare-handler
-and no-data (the first four together); prototypes opt-sqlite, opt-response and opt-all (both);
-opt-value-cache (a plaintext cache, a trade-off) and opt-all-cache (it with opt-response).
+and no-data (the first four together); prototype opt-value-cache (a plaintext cache, a trade-off).
 See bench.serve_ablated for what each one patches.
 Server on CPU 0, ghz on CPU 1, same load as bench.run. Writes bench/results/ablate-<timestamp>.json.
 """
@@ -43,13 +42,9 @@ VARIANTS: dict[str, str | None] = {
     "no-data": "audit,sqlite,crypto,response",
     "bare-handler": "handler",
     # prototypes of behaviour-preserving fixes
-    "opt-sqlite": "opt-sqlite",
-    "opt-response": "opt-response",
-    "opt-all": "opt-sqlite,opt-response",
     "opt-value-cache": "opt-value-cache",
-    "opt-all-cache": "opt-response,opt-value-cache",
 }
-DEFAULT_VARIANTS = "echo,real,no-audit,no-sqlite,no-crypto,no-response,no-data,bare-handler,opt-all"
+DEFAULT_VARIANTS = "echo,real,no-audit,no-sqlite,no-crypto,no-response,no-data,bare-handler"
 
 
 def _raise_on_sigterm(signum: int, frame: Any) -> None:

@@ -15,12 +15,8 @@ Removals (upper bounds: what the part costs in total):
                 and services around an echo handler
   gc            the garbage collector is disabled once the server is up
 
-Prototypes (behaviour-preserving candidates for the server; see bench/README.md; the audit and
-data-key-cache prototypes were adopted by the server):
-  opt-sqlite    SqliteStore.get_secret keeps records in a dict, emptied whenever
-                `PRAGMA data_version` on the read connection changes (any commit by the writer
-                thread or another process), with the SELECT built once
-  opt-response  secret_info() keeps the SecretInfo per (key, etag, caller) (bounded dict)
+Prototypes (the audit, data-key, record and SecretInfo prototypes that used to be here were
+adopted by the server; see bench/README.md):
   opt-value-cache
                 SecretsService.get_secret (by id) keeps decrypted values per key, emptied whenever
                 `PRAGMA data_version` changes; scope checks and audit still run per call. Keeps
@@ -51,7 +47,6 @@ from roomsecrets_server.errors import NotFound
 from roomsecrets_server.rpc import room_secrets as rpc
 from roomsecrets_server.secrets.service import SecretsService, SecretValue
 from roomsecrets_server.store import SecretKey, SecretRecord
-from roomsecrets_server.store import sqlite as sqlite_store
 from roomsecrets_server.store.sqlite import SqliteStore
 
 from ._common import announce_ready, loop_name, run_loop
@@ -136,46 +131,6 @@ class _ModuleProxy:
 
 
 # -- prototypes -----------------------------------------------------------------------------------
-def opt_sqlite() -> None:
-    sql = (
-        f"SELECT {sqlite_store._VALUE_COLUMNS} FROM secrets "
-        "WHERE room=? AND owner=? AND delegated_to=? AND secret_id=?"
-    )
-    rows: dict[SecretKey, SecretRecord] = {}
-    seen: list[int] = [-1]
-
-    async def get_secret(self: SqliteStore, key: SecretKey) -> SecretRecord | None:
-        version = self._one("PRAGMA data_version", ())
-        if version is None or version[0] != seen[0] or len(rows) >= CACHE_LIMIT:
-            rows.clear()
-            seen[0] = version[0] if version else -1
-        found = rows.get(key)
-        if found is None:
-            row = self._one(sql, (key.room, key.owner, key.delegated_to, key.secret_id))
-            if row is None:
-                return None
-            found = rows[key] = sqlite_store._secret(row)
-        return found
-
-    SqliteStore.get_secret = get_secret  # type: ignore[method-assign]
-
-
-def opt_response() -> None:
-    original = rpc.secret_info
-    infos: dict[tuple[SecretKey, str, str], pb.SecretInfo] = {}
-
-    def secret_info(record: SecretRecord, caller: str) -> pb.SecretInfo:
-        key = (record.key, record.etag, caller)
-        info = infos.get(key)
-        if info is None:
-            if len(infos) >= CACHE_LIMIT:
-                infos.clear()
-            info = infos[key] = original(record, caller)
-        return info
-
-    rpc.secret_info = secret_info
-
-
 def opt_value_cache() -> None:
     """GetSecret by id answers from a dict of decrypted values, emptied whenever `PRAGMA data_version`
     changes. Plaintext stays in memory after the call: a security trade-off, see bench/README.md."""
@@ -238,8 +193,6 @@ ABLATIONS: dict[str, Callable[[], None]] = {
     "response": no_response,
     "handler": no_handler,
     "gc": lambda: None,  # applied once the server is up
-    "opt-sqlite": opt_sqlite,
-    "opt-response": opt_response,
     "opt-value-cache": opt_value_cache,
 }
 

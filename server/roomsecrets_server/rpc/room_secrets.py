@@ -80,6 +80,23 @@ def secret_info(record: SecretRecord, caller: str) -> pb.SecretInfo:
     return info
 
 
+# SecretInfo messages recently sent, by what determines them: a secret's (key, etag) fixes its
+# metadata (every write draws a new etag), and the caller decides delegated_by. Copying a kept
+# message into a reply costs a third of filling it field by field (GetSecret hot path).
+_INFO_CACHE_SIZE = 4096
+_infos: dict[tuple[Any, str, str], pb.SecretInfo] = {}
+
+
+def _copy_secret_info(into: pb.SecretInfo, record: SecretRecord, caller: str) -> None:
+    cache_key = (record.key, record.etag, caller)
+    info = _infos.get(cache_key)
+    if info is None:
+        if len(_infos) >= _INFO_CACHE_SIZE:
+            _infos.clear()
+        info = _infos[cache_key] = secret_info(record, caller)
+    into.CopyFrom(info)
+
+
 def _fill_secret_info(info: pb.SecretInfo, record: SecretRecord, caller: str) -> None:
     # Filled in place: on the GetSecret hot path this saves building a SecretInfo and copying it.
     key = record.key
@@ -171,7 +188,7 @@ class RoomSecretsServicer(pb_grpc.RoomSecretsServicer):
             delegated_by=request.delegated_by,
         )
         reply = pb.GetSecretResponse(data=value.data, data_crc32c=value.record.crc32c)
-        _fill_secret_info(reply.secret, value.record, p.identity)
+        _copy_secret_info(reply.secret, value.record, p.identity)
         return reply
 
     @unary

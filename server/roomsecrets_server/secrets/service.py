@@ -29,6 +29,7 @@ DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 # Three ids of at most 256 characters, JSON-quoted and base64-encoded, fit well within this.
 MAX_PAGE_TOKEN = 8192
+_AAD_CACHE_SIZE = 4096
 _WRITE_ATTEMPTS = 4  # retries when a concurrent writer changed the row between read and write
 
 
@@ -47,6 +48,7 @@ class SecretsService:
         self._keyring = keyring
         self._audit = audit
         self.max_value_bytes = max_value_bytes
+        self._aads: dict[tuple[SecretKey, str, str], bytes] = {}
 
     # -- sealing (also used by the request flows) ---------------------------------------------
     def seal(self, key: SecretKey, type_: str, name: str, data: bytes) -> SecretRecord:
@@ -69,7 +71,15 @@ class SecretsService:
         if record.kek_id not in envelope:
             # Rotated by another process (rewrap) since our last look at the keyring file.
             envelope = self._keyring.reload()
-        return envelope.open(record.sealed, _aad(record.key, record.type, record.etag))
+        # The associated data is derived from the row's own (key, type, etag), never looked up by
+        # the ciphertext, so a blob moved to another row still meets that row's binding and fails.
+        where = (record.key, record.type, record.etag)
+        aad = self._aads.get(where)
+        if aad is None:
+            if len(self._aads) >= _AAD_CACHE_SIZE:
+                self._aads.clear()
+            aad = self._aads[where] = _aad(*where)
+        return envelope.open(record.sealed, aad)
 
     def check_data(self, data: bytes, checksum: int | None, *, field: str = "data") -> None:
         validate.data(data, self.max_value_bytes, field)
