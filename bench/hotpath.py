@@ -30,7 +30,6 @@ from roomsecrets_server.app import RoomSecretsServer
 from roomsecrets_server.auth.dev_key import mint_token
 from roomsecrets_server.config import Settings
 from roomsecrets_server.crypto.checksum import crc32c
-from roomsecrets_server.oauth.service import OAuthService
 from roomsecrets_server.rpc.room_secrets import RoomSecretsServicer, authorization, secret_info
 from roomsecrets_server.secrets import service as secrets_service
 from roomsecrets_server.store import SecretKey
@@ -86,7 +85,7 @@ class Timer:
 async def measure(data_dir: Path, payload_bytes: int, timer: Timer) -> None:
     settings = Settings(data_dir=data_dir, listen="127.0.0.1:0")
     server = RoomSecretsServer(settings)
-    servicer = RoomSecretsServicer(server.verifier, server.secrets, server.requests, OAuthService())
+    servicer = RoomSecretsServicer(server.verifier, server.secrets, server.requests, server.oauth)
     secrets, store, audit, keyring = server.secrets, server.store, server.audit, server.keyring
     token = mint_token(data_dir, identity=IDENTITY, room=ROOM)
     ctx: Any = FakeContext(token)
@@ -132,7 +131,7 @@ async def measure(data_dir: Path, payload_bytes: int, timer: Timer) -> None:
         )
 
     def scope() -> object:
-        secrets._read_scope(principal, "", "")
+        secrets.read_scope(principal, "", "")
         validate.secret_id(GET_SECRET_ID)
         return SecretKey(ROOM, IDENTITY, "", GET_SECRET_ID)
 
@@ -156,7 +155,7 @@ async def measure(data_dir: Path, payload_bytes: int, timer: Timer) -> None:
             "auth: authorization(ctx) + TokenVerifier.authenticate (cache hit)",
             lambda: server.verifier.authenticate(authorization(ctx)),
         ),
-        ("validate: _read_scope + validate.secret_id + SecretKey", scope),
+        ("validate: read_scope + validate.secret_id + SecretKey", scope),
     ]
     for label, fn in steps:
         timer.sync(g, label, fn)

@@ -160,7 +160,7 @@ def opt_value_cache() -> None:
                 delegated_by=delegated_by,
             )
         p.require_secrets()
-        owner, delegated_to = self._read_scope(p, delegated_to, delegated_by)
+        owner, delegated_to = self.read_scope(p, delegated_to, delegated_by)
         validate.secret_id(secret_id)
         version = store._one("PRAGMA data_version", ())
         if version is None or version[0] != seen[0] or len(values) >= CACHE_LIMIT:

@@ -50,6 +50,8 @@ class ServerThread:
         return self.server.address
 
     def stop(self) -> None:
+        if not self._thread.is_alive():
+            return
         if self._loop and self._stop:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(30)

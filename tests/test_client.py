@@ -435,7 +435,7 @@ def test_handler_reconnects_after_a_server_restart(data_dir: Path) -> None:
             second.stop()
 
 
-def test_oauth_methods_surface_unimplemented(alice: SecretsClient) -> None:
+def test_oauth_methods_map_errors_and_never_print_the_client_secret(alice: SecretsClient) -> None:
     oauth = OAuthClientConfig(
         client_id="cid",
         client_secret="do-not-print",
@@ -444,16 +444,19 @@ def test_oauth_methods_surface_unimplemented(alice: SecretsClient) -> None:
         scopes=["repo", "user"],
     )
     assert "do-not-print" not in repr(oauth)
-    calls: list[Callable[[], object]] = [
-        lambda: alice.request_oauth_token(oauth=oauth, from_participant_id="bob", redirect_uri="https://cb"),
-        lambda: alice.provide_oauth_authorization("r1", "code"),
-        lambda: alice.reject_oauth_authorization("r1", "no"),
-        lambda: alice.get_offline_oauth_token(connector=ConnectorRef(name="github"), delegated_by="bob"),
-    ]
-    for call in calls:
-        with pytest.raises(errors.UnimplementedError) as err:
-            call()
-        assert err.value.code == grpc.StatusCode.UNIMPLEMENTED
+    # Nobody stored a token: None, as in the reference.
+    assert alice.get_offline_oauth_token(oauth=oauth, delegated_by="bob") is None
+    with pytest.raises(errors.NotFoundError):
+        alice.get_offline_oauth_token(connector=ConnectorRef(name="github"), delegated_by="bob")
+    with pytest.raises(errors.FailedPreconditionError) as err:
+        alice.request_oauth_token(
+            oauth=oauth, from_participant_id="bob", redirect_uri="https://cb", timeout=5
+        )
+    assert "not listening" in str(err.value) and "do-not-print" not in str(err.value)
+    with pytest.raises(errors.NotFoundError):
+        alice.provide_oauth_authorization("r1", "code")
+    with pytest.raises(errors.NotFoundError):
+        alice.reject_oauth_authorization("r1", "no")
     with pytest.raises(ValueError, match="either"):
         alice.get_offline_oauth_token(oauth=oauth, connector=ConnectorRef(name="x"))
 
@@ -494,8 +497,8 @@ async def test_async_client_storage_and_errors(room: Participants) -> None:
         assert not await alice.exists("a1")
         with pytest.raises(errors.NotListeningError):
             await alice.request_secret("bob", URL, timeout=5)
-        with pytest.raises(errors.UnimplementedError):
-            await alice.get_offline_oauth_token()
+        with pytest.raises(errors.InvalidArgumentError):
+            await alice.get_offline_oauth_token()  # neither oauth nor connector
     async with AsyncSecretsClient(room.server.address, "bad-token") as anonymous:
         with pytest.raises(errors.UnauthenticatedError):
             await anonymous.list_secrets()

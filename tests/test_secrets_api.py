@@ -565,31 +565,62 @@ def test_for_identity_naming_oneself_needs_no_admin(room: Participants) -> None:
     assert get_secret(room, md, secret_id="self").data == b"v"
 
 
-# -- OAuth (not implemented yet) ----------------------------------------------------------------------
-def test_oauth_rpcs_answer_unimplemented_not_a_fake_success(room: Participants) -> None:
+# -- OAuth (end to end in test_oauth.py) ---------------------------------------------------------------
+def test_oauth_rpcs_refuse_bad_input_without_echoing_the_client_secret(room: Participants) -> None:
     md = room.auth("alice")
     oauth = pb.OAuthClientConfig(
         client_id="cid",
         client_secret="client-secret-value",
         authorization_endpoint="https://auth.example.com/authorize",
-        token_endpoint="https://auth.example.com/token",
+        token_endpoint="http://auth.example.com/token",  # plain http off loopback
         scopes=["read"],
     )
-    calls: list[Callable[[], object]] = [
-        lambda: room.stub.RequestOAuthToken(
-            pb.RequestOAuthTokenRequest(oauth=oauth, from_participant_id="app", redirect_uri="https://x"),
-            metadata=md,
+    calls: list[tuple[Callable[[], object], grpc.StatusCode, str]] = [
+        (
+            lambda: room.stub.RequestOAuthToken(
+                pb.RequestOAuthTokenRequest(oauth=oauth, from_participant_id="app", redirect_uri="https://x"),
+                metadata=md,
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "oauth.token_endpoint",
         ),
-        lambda: room.stub.ProvideOAuthAuthorization(
-            pb.ProvideOAuthAuthorizationRequest(request_id="r1", code="c", state="s"), metadata=md
+        (
+            lambda: room.stub.RequestOAuthToken(
+                pb.RequestOAuthTokenRequest(from_participant_id="app"), metadata=md
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "oauth",
         ),
-        lambda: room.stub.RejectOAuthAuthorization(
-            pb.RejectOAuthAuthorizationRequest(request_id="r1", error="no"), metadata=md
+        (
+            lambda: room.stub.ProvideOAuthAuthorization(
+                pb.ProvideOAuthAuthorizationRequest(request_id="r1", code="", state="s"), metadata=md
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "code",
         ),
-        lambda: room.stub.GetOfflineOAuthToken(pb.GetOfflineOAuthTokenRequest(oauth=oauth), metadata=md),
+        (
+            lambda: room.stub.RejectOAuthAuthorization(
+                pb.RejectOAuthAuthorizationRequest(request_id="r1", error="no"), metadata=md
+            ),
+            grpc.StatusCode.NOT_FOUND,
+            "r1",
+        ),
+        (
+            lambda: room.stub.GetOfflineOAuthToken(pb.GetOfflineOAuthTokenRequest(oauth=oauth), metadata=md),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "oauth.token_endpoint",
+        ),
+        (
+            lambda: room.stub.GetOfflineOAuthToken(
+                pb.GetOfflineOAuthTokenRequest(connector=pb.ConnectorRef(server_url="https://mcp.example")),
+                metadata=md,
+            ),
+            grpc.StatusCode.UNIMPLEMENTED,
+            "server_url",
+        ),
     ]
-    for call in calls:
-        err = fails(call, grpc.StatusCode.UNIMPLEMENTED)
-        message = (err.details() or "").lower()
-        assert "not implemented" in message
+    for call, code, mentions in calls:
+        err = fails(call, code)
+        message = err.details() or ""
+        assert mentions in message
         assert "client-secret-value" not in message

@@ -12,16 +12,24 @@ import grpc
 from grpc_health.v1 import _async as health_aio  # the aio HealthServicer (also `health.aio`)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from roomsecrets.v1 import room_secrets_pb2, room_secrets_pb2_grpc
+from roomsecrets.v1 import (
+    oauth_connectors_pb2,
+    oauth_connectors_pb2_grpc,
+    room_secrets_pb2,
+    room_secrets_pb2_grpc,
+)
 
 from .audit import AuditLog
 from .auth.dev_key import ensure_dev_key
 from .auth.tokens import TokenVerifier, VerificationKey, hs256_key, keys_from_jwks, public_key_from_pem
 from .config import Settings
 from .crypto.keyring import KeyringFile
+from .oauth.connectors import ConnectorService
+from .oauth.provider import AuthorizationServer
 from .oauth.service import OAuthService
 from .requests.notifier import LocalNotifier
 from .requests.service import RequestService
+from .rpc.oauth_connectors import OAuthConnectorsServicer
 from .rpc.room_secrets import RoomSecretsServicer
 from .secrets.service import SecretsService
 from .store.sqlite import SqliteStore
@@ -29,6 +37,7 @@ from .store.sqlite import SqliteStore
 log = logging.getLogger("roomsecrets")
 
 ROOM_SECRETS = room_secrets_pb2.DESCRIPTOR.services_by_name["RoomSecrets"].full_name
+OAUTH_CONNECTORS = oauth_connectors_pb2.DESCRIPTOR.services_by_name["OAuthConnectors"].full_name
 
 
 def verification_keys(settings: Settings) -> list[VerificationKey]:
@@ -78,6 +87,16 @@ class RoomSecretsServer:
             listener_grace=settings.listener_grace,
             sweep_interval=settings.sweep_interval,
         )
+        self.connectors = ConnectorService(self.store, self.secrets, self.audit)
+        self.oauth = OAuthService(
+            self.store,
+            self.secrets,
+            self.requests,
+            self.connectors,
+            self.audit,
+            server=AuthorizationServer(timeout=settings.oauth_http_timeout),
+            refresh_margin=settings.oauth_refresh_margin,
+        )
         self.health = health_aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self.port = 0
@@ -90,12 +109,16 @@ class RoomSecretsServer:
     async def start(self) -> None:
         server = grpc.aio.server(options=server_options(self.settings))
         room_secrets_pb2_grpc.add_RoomSecretsServicer_to_server(
-            RoomSecretsServicer(self.verifier, self.secrets, self.requests, OAuthService()), server
+            RoomSecretsServicer(self.verifier, self.secrets, self.requests, self.oauth), server
+        )
+        oauth_connectors_pb2_grpc.add_OAuthConnectorsServicer_to_server(
+            OAuthConnectorsServicer(self.verifier, self.connectors), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             [
                 ROOM_SECRETS,
+                OAUTH_CONNECTORS,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ],
@@ -108,6 +131,7 @@ class RoomSecretsServer:
         self.requests.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(ROOM_SECRETS, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(OAUTH_CONNECTORS, health_pb2.HealthCheckResponse.SERVING)
 
     def _bind(self, server: grpc.aio.Server) -> int:
         s = self.settings

@@ -33,6 +33,10 @@ class Settings:
     tls_client_ca: Path | None = None  # set: mutual TLS, client certificates required
     allow_insecure_remote: bool = False  # plaintext on a non-loopback address
     audit_log: Path | None = field(default=None)
+    # Offline OAuth tokens are refreshed when they expire within this many seconds (at most half
+    # their lifetime); token endpoint calls give up after oauth_http_timeout seconds.
+    oauth_refresh_margin: float = 60.0
+    oauth_http_timeout: float = 10.0
 
     @property
     def max_message_bytes(self) -> int:

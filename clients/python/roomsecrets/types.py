@@ -7,6 +7,7 @@ logged or printed result does not leak the value.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TypeAlias
@@ -219,6 +220,10 @@ class OAuthClientConfig:
     token_endpoint: str = ""
     scopes: tuple[str, ...] | list[str] = ()
     no_pkce: bool = False
+    # Extra authorization-URL parameters, e.g. {"access_type": "offline", "prompt": "consent"}.
+    extra_params: Mapping[str, str] = field(default_factory=dict)
+    # "client_secret_basic" (default with a secret), "client_secret_post", or "none".
+    token_endpoint_auth_method: str = ""
 
     def to_pb(self) -> pb.OAuthClientConfig:
         return pb.OAuthClientConfig(
@@ -228,6 +233,8 @@ class OAuthClientConfig:
             token_endpoint=self.token_endpoint,
             scopes=list(self.scopes),
             no_pkce=self.no_pkce,
+            extra_params=dict(self.extra_params),
+            token_endpoint_auth_method=self.token_endpoint_auth_method,
         )
 
 

@@ -112,6 +112,18 @@ def add_serve(subparsers: Any) -> None:
         default=env("SWEEP_INTERVAL", str(_DEFAULTS.sweep_interval)),
         help=argparse.SUPPRESS,
     )
+    p.add_argument(
+        "--oauth-refresh-margin",
+        type=non_negative,
+        default=env("OAUTH_REFRESH_MARGIN", str(_DEFAULTS.oauth_refresh_margin)),
+        help="refresh an OAuth token this many seconds before it expires (default %(default)s)",
+    )
+    p.add_argument(
+        "--oauth-http-timeout",
+        type=non_negative,
+        default=env("OAUTH_HTTP_TIMEOUT", str(_DEFAULTS.oauth_http_timeout)),
+        help="seconds a call to an OAuth token endpoint may take (default %(default)s)",
+    )
     p.add_argument("--tls-cert", type=Path, default=env("TLS_CERT"), help="server certificate (PEM)")
     p.add_argument("--tls-key", type=Path, default=env("TLS_KEY"), help="server private key (PEM)")
     p.add_argument(
@@ -172,6 +184,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         listener_grace=args.listener_grace,
         shutdown_grace=args.shutdown_grace,
         sweep_interval=args.sweep_interval,
+        oauth_refresh_margin=args.oauth_refresh_margin,
+        oauth_http_timeout=args.oauth_http_timeout,
         jwt_public_keys=tuple(args.jwt_public_keys or env_paths("JWT_PUBLIC_KEY")),
         jwks_files=tuple(args.jwks_files or env_paths("JWKS")),
         dev_signing_key=not args.no_dev_key,

@@ -129,7 +129,7 @@ class RequestService:
             p.room, p.identity, target, SECRET, url, type_, delegate_to
         )
         if record is None:
-            record = await self._open(p, SECRET, target, url, type_, delegate_to, deadline)
+            record = await self.open_request(p, SECRET, target, url, type_, delegate_to, deadline)
         else:  # the same question is already pending (e.g. asked again after a restart): join it
             self._audit.record(
                 "request_secret",
@@ -139,10 +139,10 @@ class RequestService:
                 request_id=record.request_id,
                 target=target,
             )
-        closed = await self._await_answer(record, deadline)
+        closed = await self.await_answer(record, deadline)
         return record.request_id, await self._provided_value(closed)
 
-    async def _open(
+    async def open_request(
         self,
         p: Principal,
         kind: str,
@@ -151,8 +151,11 @@ class RequestService:
         type_: str,
         delegate_to: str,
         deadline: float,
+        *,
         params: bytes = b"",
+        request_id: str = "",
     ) -> RequestRecord:
+        """Store a pending request and push it to `target`, once it is listening."""
         action = f"request_{kind}"
         if not await self._notifier.wait_listening(
             p.room, target, min(self.listener_grace, deadline - time.time())
@@ -164,7 +167,7 @@ class RequestService:
             )
         now = time.time()
         record = RequestRecord(
-            request_id=uuid.uuid4().hex,
+            request_id=request_id or uuid.uuid4().hex,
             room=p.room,
             kind=kind,
             requested_by=p.identity,
@@ -190,7 +193,9 @@ class RequestService:
         )
         return record
 
-    async def _await_answer(self, record: RequestRecord, my_deadline: float) -> RequestRecord:
+    async def await_answer(self, record: RequestRecord, my_deadline: float) -> RequestRecord:
+        """Wait until the request is closed (by an answer, expiry or cancellation); bounded by
+        `my_deadline`. A cancelled wait cancels the request unless someone else waits on it."""
         request_id = record.request_id
         self._waiters[request_id] += 1
         try:
@@ -269,7 +274,7 @@ class RequestService:
                 continue  # the stored secret changed under us; look again
             if not won:
                 raise self._not_pending(await self._store.get_request(request_id))
-            self._closed(record, RequestState.PROVIDED, "")
+            self.notify_closed(record, RequestState.PROVIDED, "")
             self._audit.record(
                 "provide_secret",
                 room=p.room,
@@ -346,10 +351,10 @@ class RequestService:
     async def _close(self, record: RequestRecord, state: RequestState, reason: str) -> bool:
         if not await self._store.close_request(record.request_id, state, reason):
             return False
-        self._closed(record, state, reason)
+        self.notify_closed(record, state, reason)
         return True
 
-    def _closed(self, record: RequestRecord, state: RequestState, reason: str) -> None:
+    def notify_closed(self, record: RequestRecord, state: RequestState, reason: str) -> None:
         self._notifier.request_changed(record.request_id)
         self._notifier.publish(record.room, record.target, RequestClosed(record.request_id, state, reason))
         if state in (RequestState.EXPIRED, RequestState.CANCELLED):
@@ -378,7 +383,7 @@ class RequestService:
             await asyncio.sleep(self._sweep_interval)
             try:
                 for record in await self._store.expire_due(time.time()):
-                    self._closed(record, RequestState.EXPIRED, "timed out")
+                    self.notify_closed(record, RequestState.EXPIRED, "timed out")
             except Exception:
                 log.exception("request expiry sweep failed")
 

@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 from roomsecrets.v1 import room_secrets_pb2 as pb
 from roomsecrets.v1 import room_secrets_pb2_grpc as pb_grpc
 
@@ -18,9 +17,10 @@ from ..auth.tokens import TokenVerifier
 from ..errors import DomainError
 from ..oauth.service import OAuthService
 from ..requests.notifier import RequestClosed, RequestOpened
-from ..requests.service import RequestService, WatchReady
+from ..requests.service import OAUTH, RequestService, WatchReady
 from ..secrets.service import SecretsService
 from ..store import RequestRecord, RequestState, SecretRecord
+from .convert import access_token_fields, client_ref, oauth_request, timestamp
 from .errors import to_status
 
 log = logging.getLogger(__name__)
@@ -67,11 +67,6 @@ def unary(
             raise  # unreachable: abort raises
 
     return handler
-
-
-def _timestamp(seconds: float) -> Timestamp:
-    whole = int(seconds)
-    return Timestamp(seconds=whole, nanos=int((seconds - whole) * 1e9))
 
 
 def secret_info(record: SecretRecord, caller: str) -> pb.SecretInfo:
@@ -123,7 +118,7 @@ def secret_request(record: RequestRecord) -> pb.SecretRequest:
         type=record.type,
         delegate_to=record.delegate_to,
         requested_by=record.requested_by,
-        deadline=_timestamp(record.deadline),
+        deadline=timestamp(record.deadline),
     )
 
 
@@ -243,34 +238,52 @@ class RoomSecretsServicer(pb_grpc.RoomSecretsServicer):
         await self.requests.reject(p, request_id=request.request_id, error=request.error, kind="secret")
         return pb.RejectSecretResponse()
 
-    # -- OAuth (the OAuth issue implements these) ----------------------------------------------
+    # -- OAuth -------------------------------------------------------------------------------
     @unary
     async def RequestOAuthToken(
-        self, request: pb.RequestOAuthTokenRequest, p: Principal, _: Any
+        self, request: pb.RequestOAuthTokenRequest, p: Principal, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.RequestOAuthTokenResponse:
-        await self.oauth.request_oauth_token(p)
-        return pb.RequestOAuthTokenResponse()
+        token = await self.oauth.request_oauth_token(
+            p,
+            client=client_ref(request),
+            target=request.from_participant_id,
+            redirect_uri=request.redirect_uri,
+            delegate_to=request.delegate_to,
+            timeout=request.timeout,
+            call_time_remaining=context.time_remaining(),
+        )
+        return pb.RequestOAuthTokenResponse(request_id=token.request_id, **access_token_fields(token))  # type: ignore[arg-type]
 
     @unary
     async def ProvideOAuthAuthorization(
         self, request: pb.ProvideOAuthAuthorizationRequest, p: Principal, _: Any
     ) -> pb.ProvideOAuthAuthorizationResponse:
-        await self.oauth.provide_oauth_authorization(p)
+        await self.oauth.provide_oauth_authorization(
+            p, request_id=request.request_id, code=request.code, state=request.state
+        )
         return pb.ProvideOAuthAuthorizationResponse()
 
     @unary
     async def RejectOAuthAuthorization(
         self, request: pb.RejectOAuthAuthorizationRequest, p: Principal, _: Any
     ) -> pb.RejectOAuthAuthorizationResponse:
-        await self.oauth.reject_oauth_authorization(p)
+        await self.oauth.reject_oauth_authorization(p, request_id=request.request_id, error=request.error)
         return pb.RejectOAuthAuthorizationResponse()
 
     @unary
     async def GetOfflineOAuthToken(
         self, request: pb.GetOfflineOAuthTokenRequest, p: Principal, _: Any
     ) -> pb.GetOfflineOAuthTokenResponse:
-        await self.oauth.get_offline_oauth_token(p)
-        return pb.GetOfflineOAuthTokenResponse()
+        token = await self.oauth.get_offline_oauth_token(
+            p,
+            client=client_ref(request),
+            delegated_to=request.delegated_to,
+            delegated_by=request.delegated_by,
+        )
+        return pb.GetOfflineOAuthTokenResponse(
+            needs_reauthorization=token.needs_reauthorization,
+            **access_token_fields(token),  # type: ignore[arg-type]
+        )
 
     # -- the inbound stream -------------------------------------------------------------------
     async def WatchRequests(
@@ -279,17 +292,29 @@ class RoomSecretsServicer(pb_grpc.RoomSecretsServicer):
         try:
             principal = self.verifier.authenticate(authorization(context))
             async for event in self.requests.watch(principal):
-                yield _watch_event(event)
+                message = self._watch_event(event)
+                if message is not None:
+                    yield message
         except Exception as error:
             await _abort(context, error)
 
-
-def _watch_event(event: RequestOpened | RequestClosed | WatchReady) -> pb.WatchRequestsResponse:
-    if isinstance(event, RequestOpened):
-        return pb.WatchRequestsResponse(secret_request=secret_request(event.record))
-    if isinstance(event, RequestClosed):
-        closed = pb.RequestClosed(
-            request_id=event.request_id, state=_STATES[event.state], reason=event.reason
-        )
-        return pb.WatchRequestsResponse(request_closed=closed)
-    return pb.WatchRequestsResponse(ready=pb.WatchReady(pending=event.pending))
+    def _watch_event(
+        self, event: RequestOpened | RequestClosed | WatchReady
+    ) -> pb.WatchRequestsResponse | None:
+        if isinstance(event, RequestOpened):
+            if event.record.kind == OAUTH:
+                try:
+                    prompt = self.oauth.prompt(event.record)
+                except DomainError as error:
+                    # One unreadable request must not end the participant's stream: skip it
+                    # (it expires by its deadline) and say so in the server log, without values.
+                    log.warning("skipping OAuth request %s on the stream: %s", event.record.request_id, error)
+                    return None
+                return pb.WatchRequestsResponse(oauth_request=oauth_request(prompt))
+            return pb.WatchRequestsResponse(secret_request=secret_request(event.record))
+        if isinstance(event, RequestClosed):
+            closed = pb.RequestClosed(
+                request_id=event.request_id, state=_STATES[event.state], reason=event.reason
+            )
+            return pb.WatchRequestsResponse(request_closed=closed)
+        return pb.WatchRequestsResponse(ready=pb.WatchReady(pending=event.pending))

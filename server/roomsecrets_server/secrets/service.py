@@ -20,9 +20,9 @@ from .. import validate
 from ..audit import AuditLog
 from ..auth.principal import Principal
 from ..crypto.checksum import crc32c
-from ..crypto.envelope import place
+from ..crypto.envelope import Envelope, place
 from ..crypto.keyring import KeyringFile
-from ..errors import EtagMismatch, InvalidArgument, NotFound, PermissionDenied
+from ..errors import EtagMismatch, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from ..store import ABSENT, ANY, SecretKey, SecretRecord, Store, WriteCondition
 
 DEFAULT_PAGE_SIZE = 100
@@ -30,6 +30,9 @@ MAX_PAGE_SIZE = 1000
 # Three ids of at most 256 characters, JSON-quoted and base64-encoded, fit well within this.
 MAX_PAGE_TOKEN = 8192
 _AAD_CACHE_SIZE = 4096
+# Rows of these types are written by the server (OAuth token sets); SetSecret may not forge them
+# and GetSecret does not return them (a token set holds a refresh token).
+RESERVED_TYPE_PREFIX = "application/vnd.roomsecrets."
 _WRITE_ATTEMPTS = 4  # retries when a concurrent writer changed the row between read and write
 
 
@@ -81,6 +84,17 @@ class SecretsService:
             aad = self._aads[where] = _aad(*where)
         return envelope.open(record.sealed, aad)
 
+    def seal_blob(self, data: bytes, *where: str) -> bytes:
+        """Seal flow state that is not a secret row (e.g. a pending OAuth request's PKCE verifier),
+        bound to `where` as associated data."""
+        return self._keyring.envelope().seal(data, place(*where))
+
+    def open_blob(self, sealed: bytes, *where: str) -> bytes:
+        envelope = self._keyring.envelope()
+        if Envelope.kek_id_of(sealed) not in envelope:
+            envelope = self._keyring.reload()
+        return envelope.open(sealed, place(*where))
+
     def check_data(self, data: bytes, checksum: int | None, *, field: str = "data") -> None:
         validate.data(data, self.max_value_bytes, field)
         if checksum is not None and checksum != crc32c(data):
@@ -108,6 +122,10 @@ class SecretsService:
         elif not name:
             raise InvalidArgument("secret_id", "give secret_id, or name (with type) to address the secret")
         type_ = validate.text(type_, "type", validate.MAX_TYPE)
+        if type_.startswith(RESERVED_TYPE_PREFIX):
+            raise InvalidArgument(
+                "type", f"types starting with {RESERVED_TYPE_PREFIX!r} are kept by the server"
+            )
         name = validate.text(name, "name", validate.MAX_NAME)
         self.check_data(data, data_crc32c)
 
@@ -158,7 +176,7 @@ class SecretsService:
         self, p: Principal, *, secret_id: str, type_: str, name: str, delegated_to: str, delegated_by: str
     ) -> SecretValue:
         p.require_secrets()
-        owner, delegated_to = self._read_scope(p, delegated_to, delegated_by)
+        owner, delegated_to = self.read_scope(p, delegated_to, delegated_by)
         if secret_id:
             validate.secret_id(secret_id)
             record = await self._store.get_secret(SecretKey(p.room, owner, delegated_to, secret_id))
@@ -170,6 +188,11 @@ class SecretsService:
             raise InvalidArgument("secret_id", "give secret_id, or name (with type) to address the secret")
         if record is None:
             raise NotFound(f"secret {secret_id or name!r} not found")
+        if record.type.startswith(RESERVED_TYPE_PREFIX):
+            raise FailedPrecondition(
+                f"secret {record.key.secret_id!r} is kept by the server ({record.type}); "
+                "read OAuth tokens with GetOfflineOAuthToken"
+            )
         data = self.open(record)
         self._audit.record(
             "get_secret",
@@ -243,7 +266,7 @@ class SecretsService:
         return p.identity
 
     @staticmethod
-    def _read_scope(p: Principal, delegated_to: str, delegated_by: str) -> tuple[str, str]:
+    def read_scope(p: Principal, delegated_to: str, delegated_by: str) -> tuple[str, str]:
         """(owner, delegated_to) the caller may read: its own secrets, or one delegated to it."""
         delegated_to = validate.identity(delegated_to, "delegated_to")
         delegated_by = validate.identity(delegated_by, "delegated_by")

@@ -94,6 +94,11 @@ class Store(Protocol):
         starting after that key."""
         ...
 
+    async def list_owned(self, room: str, owner: str, type_: str, limit: int) -> list[SecretRecord]:
+        """Secrets of exactly this owner with this type, not delegated, ordered by secret_id
+        (server-held records such as OAuth connectors, whose owner is no participant)."""
+        ...
+
     async def put_secret(self, record: SecretRecord, condition: WriteCondition) -> None:
         """Insert or replace. Raises EtagMismatch if `condition` fails and AlreadyExists if
         another secret of this owner and delegation has the same (type, name)."""
@@ -136,6 +141,16 @@ class Store(Protocol):
 
     async def expire_due(self, now: float) -> list[RequestRecord]:
         """Close every pending request past its deadline as expired; return them."""
+        ...
+
+    # -- leases -------------------------------------------------------------------------------
+    async def acquire_lease(self, name: str, holder: str, ttl: float) -> bool:
+        """Take the named lease for `ttl` seconds if it is free or expired (check-and-set in the
+        store, so it holds across processes sharing it). True if `holder` now holds it."""
+        ...
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        """Give the lease up, if `holder` still holds it."""
         ...
 
     # -- key rotation -------------------------------------------------------------------------

@@ -67,6 +67,12 @@ CREATE INDEX IF NOT EXISTS requests_pending_by_target
   ON requests (room, target) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS requests_pending_by_deadline
   ON requests (deadline) WHERE state = 'pending';
+
+CREATE TABLE IF NOT EXISTS leases (
+  name TEXT PRIMARY KEY,
+  holder TEXT NOT NULL,
+  expires REAL NOT NULL
+) WITHOUT ROWID;
 """
 
 _VALUE_COLUMNS = (
@@ -341,6 +347,14 @@ class SqliteStore:
         )
         return [_secret(r) for r in rows]
 
+    async def list_owned(self, room: str, owner: str, type_: str, limit: int) -> list[SecretRecord]:
+        rows = self._all(
+            f"SELECT {_VALUE_COLUMNS} FROM secrets "
+            "WHERE room=? AND owner=? AND delegated_to='' AND type=? ORDER BY secret_id LIMIT ?",
+            (room, owner, type_, limit),
+        )
+        return [_secret(r) for r in rows]
+
     async def put_secret(self, record: SecretRecord, condition: WriteCondition) -> None:
         await self._writer.run(lambda conn: _put(conn, record, condition))
 
@@ -450,6 +464,26 @@ class SqliteStore:
             return [_request(r) for r in rows]
 
         return await self._writer.run(job)
+
+    # -- leases -------------------------------------------------------------------------------
+    async def acquire_lease(self, name: str, holder: str, ttl: float) -> bool:
+        def job(conn: sqlite3.Connection) -> bool:
+            now = time.time()
+            cur = conn.execute(
+                "INSERT INTO leases (name, holder, expires) VALUES (?,?,?) "
+                "ON CONFLICT (name) DO UPDATE SET holder=excluded.holder, expires=excluded.expires "
+                "WHERE leases.expires <= ? OR leases.holder = excluded.holder",
+                (name, holder, now + ttl, now),
+            )
+            return cur.rowcount == 1
+
+        return await self._writer.run(job)
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        def job(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM leases WHERE name=? AND holder=?", (name, holder))
+
+        await self._writer.run(job)
 
     # -- key rotation -------------------------------------------------------------------------
     async def sealed_not_under(self, kek_id: str, limit: int) -> list[tuple[SecretKey, bytes]]:

@@ -566,20 +566,52 @@ class OAuthClientConfig(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ExtraParamsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     CLIENT_ID_FIELD_NUMBER: _builtins.int
     CLIENT_SECRET_FIELD_NUMBER: _builtins.int
     AUTHORIZATION_ENDPOINT_FIELD_NUMBER: _builtins.int
     TOKEN_ENDPOINT_FIELD_NUMBER: _builtins.int
     SCOPES_FIELD_NUMBER: _builtins.int
     NO_PKCE_FIELD_NUMBER: _builtins.int
+    EXTRA_PARAMS_FIELD_NUMBER: _builtins.int
+    TOKEN_ENDPOINT_AUTH_METHOD_FIELD_NUMBER: _builtins.int
     client_id: _builtins.str
     client_secret: _builtins.str
     authorization_endpoint: _builtins.str
     token_endpoint: _builtins.str
     no_pkce: _builtins.bool
     """Disable PKCE (S256 is used by default)."""
+    token_endpoint_auth_method: _builtins.str
+    """How the server authenticates at the token endpoint: "client_secret_basic" (the default),
+    "client_secret_post" or "none" (a public client).
+    """
     @_builtins.property
-    def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Space-joined into the `scope` parameter."""
+
+    @_builtins.property
+    def extra_params(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Extra authorization-URL parameters (e.g. access_type=offline, prompt=consent)."""
+
     def __init__(
         self,
         *,
@@ -589,10 +621,12 @@ class OAuthClientConfig(_message.Message):
         token_endpoint: _builtins.str = ...,
         scopes: _abc.Iterable[_builtins.str] | None = ...,
         no_pkce: _builtins.bool = ...,
+        extra_params: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        token_endpoint_auth_method: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorization_endpoint", b"authorization_endpoint", "client_id", b"client_id", "client_secret", b"client_secret", "no_pkce", b"no_pkce", "scopes", b"scopes", "token_endpoint", b"token_endpoint"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorization_endpoint", b"authorization_endpoint", "client_id", b"client_id", "client_secret", b"client_secret", "extra_params", b"extra_params", "no_pkce", b"no_pkce", "scopes", b"scopes", "token_endpoint", b"token_endpoint", "token_endpoint_auth_method", b"token_endpoint_auth_method"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -821,8 +855,13 @@ class GetOfflineOAuthTokenResponse(_message.Message):
     ACCESS_TOKEN_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     SCOPES_FIELD_NUMBER: _builtins.int
+    NEEDS_REAUTHORIZATION_FIELD_NUMBER: _builtins.int
     access_token: _builtins.str
-    """Absent when no token is stored."""
+    """Absent when no usable token is stored (none yet, or it needs re-authorization)."""
+    needs_reauthorization: _builtins.bool
+    """The provider refused the stored refresh token (revoked or expired): only a new
+    RequestOAuthToken can get a token again.
+    """
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -833,10 +872,11 @@ class GetOfflineOAuthTokenResponse(_message.Message):
         access_token: _builtins.str | None = ...,
         expire_time: _timestamp_pb2.Timestamp | None = ...,
         scopes: _abc.Iterable[_builtins.str] | None = ...,
+        needs_reauthorization: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_access_token", b"_access_token", "access_token", b"access_token", "expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_access_token", b"_access_token", "access_token", b"access_token", "expire_time", b"expire_time", "scopes", b"scopes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_access_token", b"_access_token", "access_token", b"access_token", "expire_time", b"expire_time", "needs_reauthorization", b"needs_reauthorization", "scopes", b"scopes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__access_token: _TypeAlias = _typing.Literal["access_token"]  # noqa: Y015
     _WhichOneofArgType__access_token: _TypeAlias = _typing.Literal["_access_token", b"_access_token"]  # noqa: Y015

@@ -1,0 +1,318 @@
+"""OAuth 2.0 clients and tokens: the client registration, the stored token set, and the calls to
+an authorization server (authorization URL with state + PKCE S256, code exchange, refresh), all
+through authlib over HTTP.
+
+Nothing here logs. Errors name the endpoint and the provider's OAuth error code, never a token,
+code, verifier or client secret.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+from urllib.parse import urlsplit
+
+from authlib.common.security import generate_token
+from authlib.integrations.base_client.errors import OAuthError
+from authlib.integrations.httpx_client import AsyncOAuth2Client
+
+from .. import validate
+from ..errors import FailedPrecondition, InvalidArgument, Unavailable
+
+AUTH_METHODS = ("client_secret_basic", "client_secret_post", "none")
+TOKEN_TYPE = "application/vnd.roomsecrets.oauth-token+json"  # noqa: S105 - a MIME type
+TOKEN_ID_PREFIX = "oauth:"  # noqa: S105 - an id prefix
+MAX_SCOPES = 64
+MAX_EXTRA_PARAMS = 32
+MAX_CODE = 4096
+# Authorization-URL parameters the server sets itself; extra_params may not override them.
+_RESERVED_PARAMS = frozenset(
+    (
+        "response_type",
+        "client_id",
+        "redirect_uri",
+        "scope",
+        "state",
+        "code_challenge",
+        "code_challenge_method",
+    )
+)
+
+
+class ProviderError(FailedPrecondition):
+    """The authorization server refused (an OAuth error response)."""
+
+    reason = "OAUTH_PROVIDER_ERROR"
+
+    def __init__(self, message: str, error: str) -> None:
+        super().__init__(message)
+        self.error = error
+
+
+def _check_url(value: str, field_name: str, *, required: bool = True) -> str:
+    value = validate.text(value, field_name, validate.MAX_URL, required=required)
+    if not value:
+        return value
+    parts = urlsplit(value)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise InvalidArgument(field_name, "must be an absolute https URL")
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise InvalidArgument(field_name, "must use https (plain http is accepted for loopback hosts only)")
+    if parts.fragment:
+        raise InvalidArgument(field_name, "must not have a #fragment")
+    return value
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    """An OAuth client registration: given inline by a caller, or held by a connector."""
+
+    client_id: str
+    authorization_endpoint: str
+    token_endpoint: str
+    client_secret: str = field(default="", repr=False)
+    scopes: tuple[str, ...] = ()
+    pkce: bool = True
+    extra_params: tuple[tuple[str, str], ...] = ()
+    auth_method: str = ""
+
+    def validated(self, prefix: str) -> ClientConfig:
+        """This config checked field by field; errors name `<prefix>.<field>`."""
+        client_id = validate.text(self.client_id, f"{prefix}.client_id", validate.MAX_NAME, required=True)
+        if len(self.scopes) > MAX_SCOPES:
+            raise InvalidArgument(f"{prefix}.scopes", f"at most {MAX_SCOPES} scopes")
+        for scope in self.scopes:
+            validate.text(scope, f"{prefix}.scopes", validate.MAX_TYPE, required=True)
+            if " " in scope:
+                raise InvalidArgument(f"{prefix}.scopes", "one scope per entry, without spaces")
+        if len(self.extra_params) > MAX_EXTRA_PARAMS:
+            raise InvalidArgument(f"{prefix}.extra_params", f"at most {MAX_EXTRA_PARAMS} parameters")
+        for key, value in self.extra_params:
+            validate.text(key, f"{prefix}.extra_params", validate.MAX_TYPE, required=True)
+            validate.text(value, f"{prefix}.extra_params", validate.MAX_URL)
+            if key in _RESERVED_PARAMS:
+                raise InvalidArgument(f"{prefix}.extra_params", f"{key!r} is set by the server")
+        auth_method = self.auth_method or ("client_secret_basic" if self.client_secret else "none")
+        if auth_method not in AUTH_METHODS:
+            raise InvalidArgument(
+                f"{prefix}.token_endpoint_auth_method", f"must be one of {', '.join(AUTH_METHODS)}"
+            )
+        if auth_method != "none" and not self.client_secret:
+            raise InvalidArgument(f"{prefix}.client_secret", f"is required for {auth_method}")
+        validate.text(self.client_secret, f"{prefix}.client_secret", validate.MAX_URL)
+        return replace(
+            self,
+            client_id=client_id,
+            authorization_endpoint=_check_url(
+                self.authorization_endpoint, f"{prefix}.authorization_endpoint"
+            ),
+            token_endpoint=_check_url(self.token_endpoint, f"{prefix}.token_endpoint"),
+            extra_params=tuple(sorted(self.extra_params)),
+            auth_method=auth_method,
+        )
+
+    @property
+    def token_secret_id(self) -> str:
+        """Where tokens for this client are stored: one row per (token endpoint, client id),
+        whether the client was given inline or through a connector."""
+        digest = hashlib.sha256(f"{self.token_endpoint}\n{self.client_id}".encode()).hexdigest()
+        return TOKEN_ID_PREFIX + digest[:40]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "client_id": self.client_id,
+            "client_secret": self.client_secret,
+            "authorization_endpoint": self.authorization_endpoint,
+            "token_endpoint": self.token_endpoint,
+            "scopes": list(self.scopes),
+            "pkce": self.pkce,
+            "extra_params": [list(p) for p in self.extra_params],
+            "auth_method": self.auth_method,
+        }
+
+    @staticmethod
+    def from_json(doc: dict[str, Any]) -> ClientConfig:
+        return ClientConfig(
+            client_id=doc["client_id"],
+            client_secret=doc["client_secret"],
+            authorization_endpoint=doc["authorization_endpoint"],
+            token_endpoint=doc["token_endpoint"],
+            scopes=tuple(doc["scopes"]),
+            pkce=bool(doc["pkce"]),
+            extra_params=tuple((k, v) for k, v in doc["extra_params"]),
+            auth_method=doc["auth_method"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSet:
+    """What is stored (sealed) for one client, owner and delegation."""
+
+    access_token: str = field(repr=False)
+    refresh_token: str = field(default="", repr=False)
+    token_type: str = "Bearer"  # noqa: S105 - the OAuth token type
+    expires_at: float | None = None
+    scopes: tuple[str, ...] = ()
+    needs_reauthorization: bool = False
+    obtained_at: float = 0.0
+
+    def due(self, margin: float, now: float | None = None) -> bool:
+        """Expired, or expiring within `margin` seconds (at most half the token's lifetime, so
+        a short-lived token is not refreshed on every use)."""
+        if self.expires_at is None:
+            return False
+        lifetime = self.expires_at - self.obtained_at
+        return self.expires_at - min(margin, lifetime / 2) <= (now or time.time())
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(
+            {
+                "access_token": self.access_token,
+                "refresh_token": self.refresh_token,
+                "token_type": self.token_type,
+                "expires_at": self.expires_at,
+                "scopes": list(self.scopes),
+                "needs_reauthorization": self.needs_reauthorization,
+                "obtained_at": self.obtained_at,
+            }
+        ).encode()
+
+    @staticmethod
+    def from_bytes(raw: bytes) -> TokenSet:
+        doc = json.loads(raw)
+        return TokenSet(
+            access_token=doc["access_token"],
+            refresh_token=doc["refresh_token"],
+            token_type=doc["token_type"],
+            expires_at=doc["expires_at"],
+            scopes=tuple(doc["scopes"]),
+            needs_reauthorization=bool(doc["needs_reauthorization"]),
+            obtained_at=float(doc["obtained_at"]),
+        )
+
+    @staticmethod
+    def from_response(
+        token: dict[str, Any], requested: tuple[str, ...], previous: TokenSet | None
+    ) -> TokenSet:
+        access = token.get("access_token")
+        if not isinstance(access, str) or not access:
+            raise ProviderError("the token endpoint answered without an access_token", "invalid_response")
+        now = time.time()
+        # From expires_in when given: authlib's own expires_at is truncated to whole seconds.
+        expires_in, expires_at = token.get("expires_in"), token.get("expires_at")
+        if isinstance(expires_in, int | float) and not isinstance(expires_in, bool):
+            expires_at = now + float(expires_in)
+        scope = token.get("scope")
+        return TokenSet(
+            access_token=access,
+            # A provider that does not rotate refresh tokens omits it on refresh: keep the old one.
+            refresh_token=str(token.get("refresh_token") or (previous.refresh_token if previous else "")),
+            token_type=str(token.get("token_type") or "Bearer"),
+            expires_at=float(expires_at) if isinstance(expires_at, int | float) else None,
+            scopes=tuple(scope.split()) if isinstance(scope, str) else requested,
+            obtained_at=now,
+        )
+
+
+class AuthorizationServer:
+    """Calls authorization servers over HTTP (authlib's OAuth 2.0 client on httpx)."""
+
+    def __init__(self, timeout: float = 10.0) -> None:
+        self._timeout = timeout
+
+    def _client(self, config: ClientConfig, redirect_uri: str = "") -> AsyncOAuth2Client:
+        return AsyncOAuth2Client(
+            client_id=config.client_id,
+            client_secret=config.client_secret or None,
+            token_endpoint_auth_method=config.auth_method,
+            scope=" ".join(config.scopes) or None,
+            redirect_uri=redirect_uri or None,
+            code_challenge_method="S256" if config.pkce else None,
+            timeout=self._timeout,
+            follow_redirects=False,
+        )
+
+    def authorization_url(self, config: ClientConfig, redirect_uri: str, state: str, verifier: str) -> str:
+        client = self._client(config, redirect_uri)
+        url, _ = client.create_authorization_url(
+            config.authorization_endpoint,
+            state=state,
+            code_verifier=verifier if config.pkce else None,
+            **dict(config.extra_params),
+        )
+        return str(url)
+
+    async def exchange_code(
+        self, config: ClientConfig, *, code: str, redirect_uri: str, verifier: str
+    ) -> TokenSet:
+        pkce = {"code_verifier": verifier} if config.pkce else {}
+        async with self._client(config, redirect_uri) as client:
+            token = await self._call(
+                config,
+                "exchanging the authorization code",
+                client.fetch_token(config.token_endpoint, grant_type="authorization_code", code=code, **pkce),
+            )
+        return TokenSet.from_response(token, config.scopes, None)
+
+    async def refresh(self, config: ClientConfig, tokens: TokenSet) -> TokenSet:
+        async with self._client(config) as client:
+            token = await self._call(
+                config,
+                "refreshing the token",
+                client.refresh_token(config.token_endpoint, refresh_token=tokens.refresh_token),
+            )
+        return TokenSet.from_response(token, tokens.scopes, tokens)
+
+    @staticmethod
+    async def _call(config: ClientConfig, doing: str, call: Any) -> dict[str, Any]:
+        try:
+            token = await call
+        except OAuthError as exc:
+            # Only the standard error code: descriptions are free text from the provider.
+            error = str(exc.error or "error")[:64]
+            raise ProviderError(
+                f"the token endpoint {config.token_endpoint} refused {doing}: {error}", error
+            ) from None
+        except Exception as exc:  # network, TLS, timeouts, non-JSON answers
+            raise Unavailable(
+                f"the token endpoint {config.token_endpoint} failed while {doing}: {type(exc).__name__}",
+                reason="OAUTH_PROVIDER_UNAVAILABLE",
+            ) from None
+        return dict(token)
+
+
+def new_state() -> str:
+    return _token(24)
+
+
+def new_verifier() -> str:
+    return _token(48)  # 64 characters; RFC 7636 allows 43-128
+
+
+def _token(length: int) -> str:
+    return str(generate_token(length))
+
+
+def check_code(code: str) -> str:
+    return validate.text(code, "code", MAX_CODE, required=True)
+
+
+def check_redirect_uri(value: str) -> str:
+    value = validate.text(value, "redirect_uri", validate.MAX_URL, required=True)
+    parts = urlsplit(value)
+    if not parts.scheme or (parts.scheme in ("http", "https") and not parts.hostname):
+        raise InvalidArgument("redirect_uri", "must be an absolute URI")
+    return value
