@@ -4,6 +4,8 @@ tokens), with a user agent that follows the authorization URL over HTTP to get t
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -14,8 +16,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import grpc
 import pytest
-from roomsecrets import SecretsClient
-from roomsecrets.types import OAuthClientConfig
+from roomsecrets import AsyncSecretsClient, SecretsClient
+from roomsecrets.types import ConnectorRef, OAuthClientConfig, OAuthTokenRequest
 from roomsecrets.v1 import oauth_connectors_pb2 as cpb
 from roomsecrets.v1 import oauth_connectors_pb2_grpc as cpb_grpc
 from roomsecrets.v1 import room_secrets_pb2 as pb
@@ -538,3 +540,86 @@ def test_tokens_and_client_secrets_never_logged(
         if path.is_file():
             content = path.read_bytes()
             assert not [s for s in secrets if s and s.encode() in content], path.name
+
+
+# -- the Python clients -------------------------------------------------------------------------
+def test_sync_client_connectors_and_offline_token(room: Participants, provider: OAuthProvider) -> None:
+    address = room.server.address
+    config = OAuthClientConfig(
+        client_id="app",
+        client_secret=CLIENT_SECRET,
+        authorization_endpoint=provider.authorization_endpoint,
+        token_endpoint=provider.token_endpoint,
+        scopes=("read",),
+        extra_params={"access_type": "offline"},
+    )
+    with SecretsClient(address, room.token("admin", admin=True)) as admin:
+        made = admin.set_connector("example", config)
+        assert made.has_client_secret and made.extra_params == {"access_type": "offline"}
+        assert CLIENT_SECRET not in repr(made)
+        # Replacing without the secret keeps the stored one.
+        kept = admin.set_connector("example", dataclasses.replace(config, client_secret=""))
+        assert kept.has_client_secret
+    with (
+        SecretsClient(
+            address,
+            room.token("bob"),
+            oauth_token_request_handler=lambda r: provider.authorize(r.authorization_url)[0],
+        ),
+        SecretsClient(address, room.token("alice")) as alice,
+    ):
+        assert [c.name for c in alice.list_connectors()] == ["example"]
+        assert alice.get_connector("missing") is None
+        token = alice.request_oauth_token(
+            connector=ConnectorRef(name="example"),
+            from_participant_id="bob",
+            redirect_uri=REDIRECT,
+            delegate_to="alice",
+        )
+        assert (
+            token
+            and alice.get_offline_oauth_token(connector=ConnectorRef(name="example"), delegated_by="bob")
+            == token
+        )
+
+
+async def test_async_client_with_an_async_oauth_handler(room: Participants, provider: OAuthProvider) -> None:
+    urls: list[str] = []
+
+    async def handler(request: OAuthTokenRequest) -> str:
+        urls.append(request.authorization_url)
+        code, _ = await asyncio.to_thread(provider.authorize, request.authorization_url)
+        return str(code)
+
+    address = room.server.address
+    config = OAuthClientConfig(
+        client_id="app",
+        client_secret=CLIENT_SECRET,
+        authorization_endpoint=provider.authorization_endpoint,
+        token_endpoint=provider.token_endpoint,
+    )
+    async with (
+        AsyncSecretsClient(address, room.token("bob"), oauth_token_request_handler=handler),
+        AsyncSecretsClient(address, room.token("alice")) as alice,
+    ):
+        token = await alice.request_oauth_token(
+            oauth=config, from_participant_id="bob", redirect_uri=REDIRECT, delegate_to="alice", timeout=15
+        )
+        assert token == provider.issued_tokens[-1]["access_token"] and len(urls) == 1
+        assert await alice.get_offline_oauth_token(oauth=config, delegated_by="bob") == token
+
+
+def test_cancelled_requester_cancels_the_oauth_request(room: Participants, provider: OAuthProvider) -> None:
+    app = App(room, provider)
+    future = room.stub.RequestOAuthToken.future(
+        pb.RequestOAuthTokenRequest(
+            oauth=client_config(provider), from_participant_id="bob", redirect_uri=REDIRECT, timeout=30
+        ),
+        metadata=room.auth("alice"),
+    )
+    inbound = app.next_request()
+    future.cancel()  # type: ignore[no-untyped-call]
+    assert app.watcher.closed(inbound.request_id).state == pb.REQUEST_STATE_CANCELLED
+    err = fails(lambda: app.provide(inbound), grpc.StatusCode.FAILED_PRECONDITION)
+    assert "no longer pending" in str(err.details())
+    assert provider.token_requests["authorization_code"] == 0

@@ -185,7 +185,7 @@ def test_call_deadline_bounds_the_wait(room: Participants, watchers: list[Watche
     with pytest.raises(grpc.RpcError) as caught:
         room.stub.RequestSecret(request, metadata=room.auth("alice"), timeout=1.0)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 30  # bounded by the 1 s deadline, not the 300 s timeout
     closed = bob.closed(bob.requests()[0].request_id)
     assert closed.state in (pb.REQUEST_STATE_EXPIRED, pb.REQUEST_STATE_CANCELLED)
 

@@ -46,6 +46,7 @@ from .handlers import (
     SecretRequestHandler,
 )
 from .types import (
+    ConnectorInfo,
     ConnectorRef,
     FileContent,
     OAuthClientConfig,
@@ -71,6 +72,7 @@ __all__ = [
     "AsyncSecretsClient",
     "CallCancelledError",
     "ChecksumMismatchError",
+    "ConnectorInfo",
     "ConnectorRef",
     "DataLossError",
     "DeadlineExceededError",

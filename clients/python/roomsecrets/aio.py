@@ -38,7 +38,17 @@ from .client import (
 )
 from .errors import NotFoundError, error_from_rpc
 from .handlers import AsyncOAuthTokenRequestHandler, AsyncRequestHandler, AsyncSecretRequestHandler
-from .types import ConnectorRef, FileContent, OAuthClientConfig, RequestEvent, SecretInfo, event_from_pb
+from .types import (
+    ConnectorInfo,
+    ConnectorRef,
+    FileContent,
+    OAuthClientConfig,
+    RequestEvent,
+    SecretInfo,
+    event_from_pb,
+)
+from .v1 import oauth_connectors_pb2 as cpb
+from .v1 import oauth_connectors_pb2_grpc as cpb_grpc
 from .v1 import room_secrets_pb2 as pb
 from .v1 import room_secrets_pb2_grpc as pb_grpc
 
@@ -129,6 +139,7 @@ class AsyncSecretsClient:
                 channel = grpc.aio.secure_channel(target, creds, options=opts)
         self._channel = channel
         self._stub = pb_grpc.RoomSecretsStub(channel)
+        self._connectors = cpb_grpc.OAuthConnectorsStub(channel)
         self._secret_request_handler = secret_request_handler
         self._oauth_token_request_handler = oauth_token_request_handler
         self._handlers: list[AsyncRequestHandler] = []
@@ -331,6 +342,33 @@ class AsyncSecretsClient:
         )
         reply: pb.GetOfflineOAuthTokenResponse = await self._call(self._stub.GetOfflineOAuthToken, request)
         return access_token(reply)
+
+    # -- OAuth connectors (room admins keep client registrations server-side) ----------------
+    async def set_connector(self, name: str, client: OAuthClientConfig) -> ConnectorInfo:
+        """Create or replace a connector (room admin). An empty client_secret keeps the stored one."""
+        reply: cpb.SetConnectorResponse = await self._call(
+            self._connectors.SetConnector, cpb.SetConnectorRequest(name=name, client=client.to_pb())
+        )
+        return ConnectorInfo.from_pb(reply.connector)
+
+    async def get_connector(self, name: str) -> ConnectorInfo | None:
+        """A connector without its client secret; None when there is none by that name."""
+        try:
+            reply: cpb.GetConnectorResponse = await self._call(
+                self._connectors.GetConnector, cpb.GetConnectorRequest(name=name)
+            )
+        except NotFoundError:
+            return None
+        return ConnectorInfo.from_pb(reply.connector)
+
+    async def list_connectors(self) -> list[ConnectorInfo]:
+        reply: cpb.ListConnectorsResponse = await self._call(
+            self._connectors.ListConnectors, cpb.ListConnectorsRequest()
+        )
+        return [ConnectorInfo.from_pb(c) for c in reply.connectors]
+
+    async def delete_connector(self, name: str) -> None:
+        await self._call(self._connectors.DeleteConnector, cpb.DeleteConnectorRequest(name=name))
 
     # -- the inbound side ---------------------------------------------------------------------
     def watch_requests(self) -> AsyncRequestStream:

@@ -26,6 +26,7 @@ import grpc
 from .errors import ChecksumMismatchError, NotFoundError, error_from_rpc
 from .handlers import OAuthTokenRequestHandler, RequestHandlerThread, SecretRequestHandler
 from .types import (
+    ConnectorInfo,
     ConnectorRef,
     FileContent,
     OAuthClientConfig,
@@ -33,6 +34,8 @@ from .types import (
     SecretInfo,
     event_from_pb,
 )
+from .v1 import oauth_connectors_pb2 as cpb
+from .v1 import oauth_connectors_pb2_grpc as cpb_grpc
 from .v1 import room_secrets_pb2 as pb
 from .v1 import room_secrets_pb2_grpc as pb_grpc
 
@@ -331,6 +334,7 @@ class SecretsClient:
                 channel = grpc.secure_channel(target, creds, options=opts)
         self._channel = channel
         self._stub = pb_grpc.RoomSecretsStub(channel)
+        self._connectors = cpb_grpc.OAuthConnectorsStub(channel)
         self._secret_request_handler = secret_request_handler
         self._oauth_token_request_handler = oauth_token_request_handler
         self._handlers: list[RequestHandlerThread] = []
@@ -549,6 +553,33 @@ class SecretsClient:
         )
         reply: pb.GetOfflineOAuthTokenResponse = self._call(self._stub.GetOfflineOAuthToken, request)
         return access_token(reply)
+
+    # -- OAuth connectors (room admins keep client registrations server-side) ----------------
+    def set_connector(self, name: str, client: OAuthClientConfig) -> ConnectorInfo:
+        """Create or replace a connector (room admin). An empty client_secret keeps the stored one."""
+        reply: cpb.SetConnectorResponse = self._call(
+            self._connectors.SetConnector, cpb.SetConnectorRequest(name=name, client=client.to_pb())
+        )
+        return ConnectorInfo.from_pb(reply.connector)
+
+    def get_connector(self, name: str) -> ConnectorInfo | None:
+        """A connector without its client secret; None when there is none by that name."""
+        try:
+            reply: cpb.GetConnectorResponse = self._call(
+                self._connectors.GetConnector, cpb.GetConnectorRequest(name=name)
+            )
+        except NotFoundError:
+            return None
+        return ConnectorInfo.from_pb(reply.connector)
+
+    def list_connectors(self) -> list[ConnectorInfo]:
+        reply: cpb.ListConnectorsResponse = self._call(
+            self._connectors.ListConnectors, cpb.ListConnectorsRequest()
+        )
+        return [ConnectorInfo.from_pb(c) for c in reply.connectors]
+
+    def delete_connector(self, name: str) -> None:
+        self._call(self._connectors.DeleteConnector, cpb.DeleteConnectorRequest(name=name))
 
     # -- the inbound side ---------------------------------------------------------------------
     def watch_requests(self) -> RequestStream:

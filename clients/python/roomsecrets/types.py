@@ -14,9 +14,11 @@ from typing import TypeAlias
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from .v1 import oauth_connectors_pb2 as cpb
 from .v1 import room_secrets_pb2 as pb
 
 __all__ = [
+    "ConnectorInfo",
     "ConnectorRef",
     "FileContent",
     "OAuthClientConfig",
@@ -235,6 +237,37 @@ class OAuthClientConfig:
             no_pkce=self.no_pkce,
             extra_params=dict(self.extra_params),
             token_endpoint_auth_method=self.token_endpoint_auth_method,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectorInfo:
+    """An OAuth connector as the server describes it: never its client secret."""
+
+    name: str
+    client_id: str
+    authorization_endpoint: str
+    token_endpoint: str
+    scopes: tuple[str, ...] = ()
+    no_pkce: bool = False
+    extra_params: Mapping[str, str] = field(default_factory=dict)
+    token_endpoint_auth_method: str = ""
+    has_client_secret: bool = False
+    update_time: datetime | None = None
+
+    @classmethod
+    def from_pb(cls, message: cpb.ConnectorInfo) -> ConnectorInfo:
+        return cls(
+            name=message.name,
+            client_id=message.client_id,
+            authorization_endpoint=message.authorization_endpoint,
+            token_endpoint=message.token_endpoint,
+            scopes=tuple(message.scopes),
+            no_pkce=message.no_pkce,
+            extra_params=dict(message.extra_params),
+            token_endpoint_auth_method=message.token_endpoint_auth_method,
+            has_client_secret=message.has_client_secret,
+            update_time=_time(message.update_time),
         )
 
 
