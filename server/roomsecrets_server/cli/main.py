@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from .errors import EXIT_INTERRUPTED, EXIT_LOCAL, PROG, CliError, exit_codes_epilog
+from .oauth import add_oauth_commands
 from .operator import add_rewrap, add_serve, add_token
 from .room import add_room_commands
 
@@ -18,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="roomsecrets: secrets for rooms of humans, agents and services. Room commands "
         "take --address/--token (or ROOMSECRETS_ADDRESS / ROOMSECRETS_TOKEN). Only `get` and "
-        "`request` print secret values.",
+        "`request` print secret values, and only `oauth request` and `oauth token` print tokens.",
         epilog=exit_codes_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve(subparsers)
     add_token(subparsers)
     add_room_commands(subparsers)
+    add_oauth_commands(subparsers)
     add_rewrap(subparsers)
     for sub in subparsers.choices.values():
         sub.epilog = exit_codes_epilog()

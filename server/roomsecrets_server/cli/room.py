@@ -159,7 +159,7 @@ def fail(error: SecretsError) -> CliError:
 
 
 # -- JSON shapes (metadata only) ------------------------------------------------------------------
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat()
     return value
@@ -171,7 +171,7 @@ _HIDDEN_INFO_FIELDS = frozenset({"data_crc32c"})
 
 
 def info_json(info: SecretInfo) -> dict[str, Any]:
-    return {k: _jsonable(v) for k, v in asdict(info).items() if k not in _HIDDEN_INFO_FIELDS}
+    return {k: jsonable(v) for k, v in asdict(info).items() if k not in _HIDDEN_INFO_FIELDS}
 
 
 def event_json(event: RequestEvent) -> dict[str, Any]:
@@ -185,7 +185,7 @@ def event_json(event: RequestEvent) -> dict[str, Any]:
             "reason": event.reason,
         }
     kind = "secret_request" if isinstance(event, SecretRequest) else "oauth_request"
-    body = {k: _jsonable(v) for k, v in asdict(event).items()}
+    body = {k: jsonable(v) for k, v in asdict(event).items()}
     if isinstance(event, OAuthTokenRequest):
         body["scopes"] = list(event.scopes)
     return {"event": kind, **body}
