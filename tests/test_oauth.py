@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +24,7 @@ from roomsecrets.types import ConnectorRef, OAuthClientConfig, OAuthTokenRequest
 from roomsecrets.v1 import oauth_connectors_pb2 as cpb
 from roomsecrets.v1 import oauth_connectors_pb2_grpc as cpb_grpc
 from roomsecrets.v1 import room_secrets_pb2 as pb
+from roomsecrets.v1 import room_secrets_pb2_grpc
 
 from .harness import Participants, ServerThread, test_settings
 from .oauth_provider import OAuthProvider
@@ -399,27 +403,58 @@ def test_revoked_refresh_token_gives_none_never_a_stale_token(
     assert renewed.access_token not in ("", first.access_token)
 
 
-def test_concurrent_offline_calls_on_two_servers_refresh_once(
+SECOND_SERVER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from pathlib import Path
+    from roomsecrets_server.app import serve
+    from roomsecrets_server.config import Settings
+
+    def ready(server):
+        print(server.address, flush=True)
+
+    settings = Settings(data_dir=Path(sys.argv[1]), listen="127.0.0.1:0", oauth_refresh_margin=1.0)
+    asyncio.run(serve(settings, ready))
+    """
+)
+
+
+def test_concurrent_offline_calls_on_two_server_processes_refresh_once(
     room: Participants, provider: OAuthProvider, data_dir: Path
 ) -> None:
     app = App(room, provider)
     first = obtain(room, provider, app)
-    # A second server process on the same store (own store connections, locks and OAuth service).
-    other = ServerThread(test_settings(data_dir, oauth_refresh_margin=1.0)).start()
-    other_room = Participants(other)
+    # A second server process on the same data dir: its own store connections, locks and OAuth
+    # service; only the store (a lease row, check-and-set on the token row) is shared.
+    process = subprocess.Popen(
+        [sys.executable, "-c", SECOND_SERVER, str(data_dir)], stdout=subprocess.PIPE, text=True
+    )
     try:
-        provider.token_delay = 0.3  # make the refreshes overlap
-        wait_until_due(first)
-        cfg = client_config(provider)
-        rooms = [room, other_room] * 10
-        with ThreadPoolExecutor(20) as pool:
-            replies = list(pool.map(lambda r: offline(r, "alice", oauth=cfg, delegated_by="bob"), rooms))
+        assert process.stdout is not None
+        address = process.stdout.readline().strip()
+        assert address, "second server did not start"
+        with grpc.insecure_channel(address) as channel:
+            stubs = [room.stub, room_secrets_pb2_grpc.RoomSecretsStub(channel)] * 10
+            provider.token_delay = 0.3  # make the refreshes overlap
+            wait_until_due(first)
+            cfg = client_config(provider)
+            md = room.auth("alice")
+
+            def call(stub: room_secrets_pb2_grpc.RoomSecretsStub) -> pb.GetOfflineOAuthTokenResponse:
+                request = pb.GetOfflineOAuthTokenRequest(oauth=cfg, delegated_by="bob")
+                reply: pb.GetOfflineOAuthTokenResponse = stub.GetOfflineOAuthToken(
+                    request, metadata=md, timeout=30
+                )
+                return reply
+
+            with ThreadPoolExecutor(20) as pool:
+                replies = list(pool.map(call, stubs))
         tokens = {r.access_token for r in replies}
         assert len(tokens) == 1 and first.access_token not in tokens and "" not in tokens
         assert provider.token_requests["refresh_token"] == 1
     finally:
-        other_room.close()
-        other.stop()
+        process.terminate()
+        process.wait(10)
 
 
 # -- connectors ---------------------------------------------------------------------------------
