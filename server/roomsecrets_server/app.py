@@ -4,6 +4,7 @@ reflection, health, TLS, message limits, and a graceful shutdown that ends strea
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 from collections.abc import Callable
@@ -15,21 +16,25 @@ from grpc_reflection.v1alpha import reflection
 from roomsecrets.v1 import (
     oauth_connectors_pb2,
     oauth_connectors_pb2_grpc,
+    project_secrets_pb2,
+    project_secrets_pb2_grpc,
     room_secrets_pb2,
     room_secrets_pb2_grpc,
 )
 
 from .audit import AuditLog
-from .auth.dev_key import ensure_dev_key
+from .auth.dev_key import ensure_dev_key, mint_service_token
 from .auth.tokens import TokenVerifier, VerificationKey, hs256_key, keys_from_jwks, public_key_from_pem
 from .config import Settings
 from .crypto.keyring import KeyringFile
 from .oauth.connectors import ConnectorService
 from .oauth.provider import AuthorizationServer
 from .oauth.service import OAuthService
+from .project.service import ProjectService
 from .requests.notifier import LocalNotifier
 from .requests.service import RequestService
 from .rpc.oauth_connectors import OAuthConnectorsServicer
+from .rpc.project_secrets import ProjectSecretsServicer
 from .rpc.room_secrets import RoomSecretsServicer
 from .secrets.service import SecretsService
 from .store.sqlite import SqliteStore
@@ -38,6 +43,7 @@ log = logging.getLogger("roomsecrets")
 
 ROOM_SECRETS = room_secrets_pb2.DESCRIPTOR.services_by_name["RoomSecrets"].full_name
 OAUTH_CONNECTORS = oauth_connectors_pb2.DESCRIPTOR.services_by_name["OAuthConnectors"].full_name
+PROJECT_SECRETS = project_secrets_pb2.DESCRIPTOR.services_by_name["ProjectSecrets"].full_name
 
 
 def verification_keys(settings: Settings) -> list[VerificationKey]:
@@ -97,6 +103,14 @@ class RoomSecretsServer:
             server=AuthorizationServer(timeout=settings.oauth_http_timeout),
             refresh_margin=settings.oauth_refresh_margin,
         )
+        self.project = ProjectService(
+            self.store,
+            self.secrets,
+            self.audit,
+            mint_token=functools.partial(mint_service_token, settings.data_dir)
+            if settings.dev_signing_key
+            else None,
+        )
         self.health = health_aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self.port = 0
@@ -114,11 +128,15 @@ class RoomSecretsServer:
         oauth_connectors_pb2_grpc.add_OAuthConnectorsServicer_to_server(
             OAuthConnectorsServicer(self.verifier, self.connectors), server
         )
+        project_secrets_pb2_grpc.add_ProjectSecretsServicer_to_server(
+            ProjectSecretsServicer(self.verifier, self.project), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             [
                 ROOM_SECRETS,
                 OAUTH_CONNECTORS,
+                PROJECT_SECRETS,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ],
@@ -132,6 +150,7 @@ class RoomSecretsServer:
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(ROOM_SECRETS, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(OAUTH_CONNECTORS, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(PROJECT_SECRETS, health_pb2.HealthCheckResponse.SERVING)
 
     def _bind(self, server: grpc.aio.Server) -> int:
         s = self.settings

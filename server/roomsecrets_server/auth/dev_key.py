@@ -43,6 +43,8 @@ def mint_token(
     admin: bool = False,
     ttl: int = 3600,
     request_oauth_token: list[dict[str, str]] | None = None,
+    project_role: str = "",
+    service: str = "",
 ) -> str:
     kid, key = ensure_dev_key(data_dir)
     api: dict[str, Any] = {}
@@ -64,4 +66,27 @@ def mint_token(
             {"name": "api", "scope": api},
         ],
     }
+    if project_role:
+        project_scope = {"role": project_role, **({"service": service} if service else {})}
+        claims["grants"].append({"name": "project", "scope": project_scope})  # type: ignore[attr-defined]
     return jwt.encode(claims, key, algorithm="HS256", headers={"kid": kid})
+
+
+SERVICE_TOKEN_TTL = 24 * 3600
+
+
+def mint_service_token(
+    data_dir: Path, identity: str, room: str, project: str, role: str, api: tuple[str, ...]
+) -> str:
+    """A participant token for a service's environment (manifest `token:` entries), signed with
+    the development key. `api` lists the API grants ("secrets", "admin")."""
+    return mint_token(
+        data_dir,
+        identity=identity,
+        room=room,
+        project=project,
+        role=role,
+        secrets_grant="secrets" in api,
+        admin="admin" in api,
+        ttl=SERVICE_TOKEN_TTL,
+    )

@@ -3,6 +3,9 @@
 Token claims: `name` (identity), `sub` (project id), `kid`, `exp`, and `grants`, a list of
 `{name, scope}`: `room` (room name), `role` (user | agent | tool), `api` ({"secrets": {...},
 "admin": {...}}). `api.secrets.request_oauth_token` optionally lists `{endpoint, client_id}`.
+An optional `project` grant carries the caller's role in the project (`sub`):
+`{"role": "admin" | "developer" | "service", "service": "<name>"}` (service: the one service
+whose identity the token is).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 from ..errors import PermissionDenied, Unauthenticated
 
 ROLES = ("user", "agent", "tool")
+PROJECT_ROLES = ("admin", "developer", "service")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +53,15 @@ class Principal:
     secrets: SecretsGrant | None
     admin: bool
     expires_at: float
+    project_role: str = ""  # "" (none) | admin | developer | service
+    service: str = ""  # with project_role "service": the service this token is
+
+    def require_project_role(self, *roles: str, what: str) -> None:
+        if self.project_role not in roles:
+            have = f"project role {self.project_role!r}" if self.project_role else "no project role"
+            raise PermissionDenied(
+                f"{what} needs the project role {' or '.join(roles)} (the token has {have})"
+            )
 
     def require_secrets(self) -> SecretsGrant:
         if self.secrets is None:
@@ -83,6 +96,7 @@ def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
     api = _scope(grants, "api") or {}
     if not isinstance(api, Mapping):
         raise Unauthenticated("token 'api' grant must be an object")
+    project_role, service = _project_grant(_scope(grants, "project"))
     return Principal(
         identity=identity,
         project=str(claims.get("sub", "")),
@@ -91,7 +105,20 @@ def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
         secrets=_secrets_grant(api.get("secrets")),
         admin=api.get("admin") is not None,
         expires_at=float(claims["exp"]),
+        project_role=project_role,
+        service=service,
     )
+
+
+def _project_grant(raw: Any) -> tuple[str, str]:
+    if raw is None:
+        return "", ""
+    if not isinstance(raw, Mapping) or raw.get("role") not in PROJECT_ROLES:
+        raise Unauthenticated(f"token 'project' grant must have a role: one of {', '.join(PROJECT_ROLES)}")
+    service = raw.get("service", "")
+    if raw["role"] == "service" and (not isinstance(service, str) or not service):
+        raise Unauthenticated("token 'project' grant with role 'service' must name its service")
+    return str(raw["role"]), str(service) if raw["role"] == "service" else ""
 
 
 def _secrets_grant(raw: Any) -> SecretsGrant | None:

@@ -30,6 +30,7 @@ log = logging.getLogger("roomsecrets")
 
 _DEFAULTS = Settings(data_dir=Path())
 ROLES = ("user", "agent", "tool")
+PROJECT_ROLES = ("admin", "developer", "service")
 # After a rotation, wait this long before moving values under the new key: a running server
 # checks keyring.json at most once a second, and must know the new key before any value it
 # reads is sealed under it.
@@ -272,6 +273,13 @@ def add_token(subparsers: Any) -> None:
     )
     p.add_argument("--ttl", type=positive_int, default=3600, help="lifetime in seconds (default 3600)")
     p.add_argument(
+        "--project-role",
+        choices=PROJECT_ROLES,
+        help="role in the project: admin (manages project secrets), developer (applies manifests, "
+        "reads no values) or service (with --service: resolves that service's secrets)",
+    )
+    p.add_argument("--service", help="with --project-role service: the service this token is")
+    p.add_argument(
         "--allow-oauth",
         nargs=2,
         action="append",
@@ -293,6 +301,8 @@ def run_token(args: argparse.Namespace) -> int:
             "using this data dir accepts the token",
             file=sys.stderr,
         )
+    if (args.project_role == "service") != bool(args.service):
+        raise CliError("--service goes with --project-role service (and it needs one)", EXIT_USAGE)
     oauth = [{"endpoint": e, "client_id": c} for e, c in args.allow_oauth] if args.allow_oauth else None
     token = mint_token(
         data_dir,
@@ -304,6 +314,8 @@ def run_token(args: argparse.Namespace) -> int:
         admin=args.admin or "admin" in grants,
         ttl=args.ttl,
         request_oauth_token=oauth,
+        project_role=args.project_role or "",
+        service=args.service or "",
     )
     print(token)
     return EXIT_OK

@@ -1,0 +1,1 @@
+"""Projects: project-scoped secrets and the services that use them."""

@@ -1,0 +1,507 @@
+"""Project secrets: Secret Keys, Image Pull Secrets, Service / ServiceTemplate manifests, and the
+resolution of a service's environment at start-up.
+
+Storage: every project record is a sealed row of the secrets table in room "" (no token names
+an empty room, so the Secrets API can never reach them), owned by the project id, with ids
+`key:<id>`, `pull:<id>` and `service:<name>`. So they share the envelope encryption, rewrap
+and check-and-set of room secrets; the store sees only ciphertext.
+
+Who may do what (roles from the token's `project` grant): admins manage everything and read
+values; developers apply manifests and read metadata, never values; a service token resolves its
+own manifest (and reads the keys it declares), nothing else.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from .. import validate
+from ..audit import AuditLog
+from ..auth.principal import Principal
+from ..errors import EtagMismatch, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from ..secrets.service import SecretsService
+from ..store import ABSENT, ANY, SecretKey, SecretRecord, Store, WriteCondition
+from .manifests import EnvVar, Manifest, TokenSpec, obscure_references, parse_manifest, render_environment
+
+PROJECT_ROOM = ""  # no participant token names an empty room
+KEY_TYPE = "application/vnd.roomsecrets.project-secret-key+json"
+PULL_TYPE = "application/vnd.roomsecrets.project-pull-secret+json"
+SERVICE_TYPE = "application/vnd.roomsecrets.project-service+yaml"
+MAX_ITEMS = 10_000
+MAX_KEYS = 500
+MAX_VALUE_BYTES = 64 * 1024  # per environment value
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+FLAVORS = {"docker": "none@example.com", "acr": "none@microsoft.com", "gar": "none@google.com"}
+
+# mint(identity, room, project, role, api grants) -> a participant token; None if the server has
+# no signing key (then manifests with `token:` entries cannot be resolved).
+TokenMinter = Callable[[str, str, str, str, tuple[str, ...]], str]
+
+
+@dataclass(frozen=True, slots=True)
+class SecretKeyBundle:
+    id: str
+    name: str
+    data: dict[str, str]
+    etag: str
+    update_time: float
+
+
+@dataclass(frozen=True, slots=True)
+class PullSecret:
+    id: str
+    name: str
+    flavor: str
+    server: str
+    username: str
+    password: str
+    email: str
+    etag: str
+    update_time: float
+
+
+@dataclass(frozen=True, slots=True)
+class StoredService:
+    manifest: Manifest
+    etag: str
+    update_time: float
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    environment: dict[str, str]
+    docker_config_json: bytes
+    image: str
+
+
+class ProjectService:
+    def __init__(
+        self, store: Store, secrets: SecretsService, audit: AuditLog, *, mint_token: TokenMinter | None
+    ) -> None:
+        self._store = store
+        self._secrets = secrets
+        self._audit = audit
+        self._mint = mint_token
+
+    # -- secret keys --------------------------------------------------------------------------
+    async def create_secret_key(
+        self, p: Principal, *, id_: str, name: str, data: Mapping[str, str]
+    ) -> SecretKeyBundle:
+        p.require_project_role("admin", what="creating a secret key")
+        id_ = validate.secret_id(id_, "id") if id_ else uuid.uuid4().hex[:16]
+        name = validate.text(name, "name", validate.MAX_NAME) or id_
+        bundle = dict(_check_pairs(data, "data"))
+        record = await self._write(p, "key:" + id_, KEY_TYPE, name, {"name": name, "data": bundle}, ABSENT)
+        self._audit.record("create_secret_key", room=_where(p), actor=p.identity, secret_id=id_)
+        return SecretKeyBundle(id_, name, bundle, record.etag, record.update_time)
+
+    async def get_secret_key(self, p: Principal, id_: str) -> tuple[SecretKeyBundle, bool]:
+        """The key, and whether the caller may see its values."""
+        id_ = validate.secret_id(id_, "id")
+        if p.project_role == "service":
+            may_read = id_ in (await self._service(p, p.service)).manifest.secrets
+            if not may_read:
+                raise PermissionDenied(f"service {p.service!r} does not declare secret key {id_!r}")
+        else:
+            p.require_project_role("admin", "developer", what="reading a secret key")
+            may_read = p.project_role == "admin"
+        bundle = await self._key(p, id_)
+        self._audit.record(
+            "get_secret_key",
+            room=_where(p),
+            actor=p.identity,
+            secret_id=id_,
+            outcome="values" if may_read else "metadata",
+        )
+        return bundle, may_read
+
+    async def list_secret_keys(self, p: Principal) -> list[SecretKeyBundle]:
+        p.require_project_role("admin", "developer", what="listing secret keys")
+        return [self._bundle(r) for r in await self._list(p, KEY_TYPE)]
+
+    async def update_secret_key(
+        self, p: Principal, *, id_: str, name: str, set_: Mapping[str, str], remove: list[str], etag: str
+    ) -> SecretKeyBundle:
+        p.require_project_role("admin", what="updating a secret key")
+        id_ = validate.secret_id(id_, "id")
+        additions = dict(_check_pairs(set_, "set"))
+        for key in remove:
+            _check_env_name(key, "remove")
+        name = validate.text(name, "name", validate.MAX_NAME)
+        for _ in range(4):
+            current = await self._key(p, id_)
+            if etag and etag != current.etag:
+                raise EtagMismatch(f"etag does not match: secret key {id_!r} has changed")
+            missing = [k for k in remove if k not in current.data]
+            if missing:
+                raise InvalidArgument("remove", f"secret key {id_!r} has no key {missing[0]!r}")
+            data = {k: v for k, v in current.data.items() if k not in remove} | additions
+            if len(data) > MAX_KEYS:
+                raise InvalidArgument("set", f"a secret key holds at most {MAX_KEYS} keys")
+            new_name = name or current.name
+            try:
+                record = await self._write(
+                    p,
+                    "key:" + id_,
+                    KEY_TYPE,
+                    new_name,
+                    {"name": new_name, "data": data},
+                    WriteCondition(etag=current.etag),
+                )
+            except EtagMismatch:
+                if etag:
+                    raise
+                continue
+            self._audit.record("update_secret_key", room=_where(p), actor=p.identity, secret_id=id_)
+            return SecretKeyBundle(id_, new_name, data, record.etag, record.update_time)
+        raise EtagMismatch(f"secret key {id_!r} is being changed concurrently; try again")
+
+    async def delete_secret_key(self, p: Principal, id_: str, etag: str) -> None:
+        p.require_project_role("admin", what="deleting a secret key")
+        await self._delete(p, "key:" + validate.secret_id(id_, "id"), etag, "secret key")
+        self._audit.record("delete_secret_key", room=_where(p), actor=p.identity, secret_id=id_)
+
+    # -- image pull secrets -------------------------------------------------------------------
+    async def create_pull_secret(
+        self,
+        p: Principal,
+        *,
+        id_: str,
+        name: str,
+        flavor: str,
+        server: str,
+        username: str,
+        password: str,
+        email: str,
+    ) -> PullSecret:
+        p.require_project_role("admin", what="creating a pull secret")
+        id_ = validate.secret_id(id_, "id") if id_ else uuid.uuid4().hex[:16]
+        flavor = flavor or "docker"
+        if flavor not in FLAVORS:
+            raise InvalidArgument("flavor", f"must be one of {', '.join(FLAVORS)}")
+        if flavor == "gar":
+            username = username or "_json_key"
+        doc = {
+            "name": validate.text(name, "name", validate.MAX_NAME) or id_,
+            "flavor": flavor,
+            "server": validate.text(server, "server", validate.MAX_URL, required=True),
+            "username": validate.text(username, "username", validate.MAX_NAME, required=True),
+            "password": _check_password(password),
+            "email": validate.text(email, "email", validate.MAX_NAME) or FLAVORS[flavor],
+        }
+        record = await self._write(p, "pull:" + id_, PULL_TYPE, str(doc["name"]), doc, ABSENT)
+        self._audit.record("create_pull_secret", room=_where(p), actor=p.identity, secret_id=id_)
+        return self._pull(record)
+
+    async def update_pull_secret(
+        self,
+        p: Principal,
+        *,
+        id_: str,
+        name: str,
+        server: str,
+        username: str,
+        password: str,
+        email: str,
+        etag: str,
+    ) -> PullSecret:
+        p.require_project_role("admin", what="updating a pull secret")
+        id_ = validate.secret_id(id_, "id")
+        current = await self._pull_by_id(p, id_)
+        if etag and etag != current.etag:
+            raise EtagMismatch(f"etag does not match: pull secret {id_!r} has changed")
+        doc = {
+            "name": validate.text(name, "name", validate.MAX_NAME) or current.name,
+            "flavor": current.flavor,
+            "server": validate.text(server, "server", validate.MAX_URL) or current.server,
+            "username": validate.text(username, "username", validate.MAX_NAME) or current.username,
+            "password": _check_password(password) if password else current.password,
+            "email": validate.text(email, "email", validate.MAX_NAME) or current.email,
+        }
+        record = await self._write(
+            p, "pull:" + id_, PULL_TYPE, str(doc["name"]), doc, WriteCondition(etag=current.etag)
+        )
+        self._audit.record("update_pull_secret", room=_where(p), actor=p.identity, secret_id=id_)
+        return self._pull(record)
+
+    async def list_pull_secrets(self, p: Principal) -> list[PullSecret]:
+        p.require_project_role("admin", "developer", what="listing pull secrets")
+        return [self._pull(r) for r in await self._list(p, PULL_TYPE)]
+
+    async def delete_pull_secret(self, p: Principal, id_: str, etag: str) -> None:
+        p.require_project_role("admin", what="deleting a pull secret")
+        await self._delete(p, "pull:" + validate.secret_id(id_, "id"), etag, "pull secret")
+        self._audit.record("delete_pull_secret", room=_where(p), actor=p.identity, secret_id=id_)
+
+    # -- manifests ----------------------------------------------------------------------------
+    async def apply_service(self, p: Principal, text: str, etag: str) -> StoredService:
+        p.require_project_role("admin", "developer", what="applying a manifest")
+        manifest = parse_manifest(text)  # refused whole when invalid: nothing is written
+        key = _key(p, "service:" + manifest.name)
+        existing = await self._store.get_secret(key)
+        if etag and (existing is None or existing.etag != etag):
+            raise EtagMismatch(f"etag does not match: service {manifest.name!r} has changed")
+        condition = WriteCondition(etag=existing.etag) if existing else ABSENT
+        record = self._secrets.seal(key, SERVICE_TYPE, manifest.name, text.encode())
+        await self._store.put_secret(record, condition)
+        self._audit.record("apply_service", room=_where(p), actor=p.identity, target=manifest.name)
+        return StoredService(manifest, record.etag, record.update_time)
+
+    async def get_service(self, p: Principal, name: str) -> StoredService:
+        if not (p.project_role == "service" and p.service == name):
+            p.require_project_role("admin", "developer", what="reading a manifest")
+        return await self._service(p, name)
+
+    async def list_services(self, p: Principal) -> list[StoredService]:
+        p.require_project_role("admin", "developer", what="listing services")
+        return [self._stored_service(r) for r in await self._list(p, SERVICE_TYPE)]
+
+    async def delete_service(self, p: Principal, name: str, etag: str) -> None:
+        p.require_project_role("admin", "developer", what="deleting a service")
+        await self._delete(p, "service:" + _check_service_name(name), etag, "service")
+        self._audit.record("delete_service", room=_where(p), actor=p.identity, target=name)
+
+    # -- resolution ---------------------------------------------------------------------------
+    async def resolve_service(self, p: Principal, name: str, variables: Mapping[str, str]) -> Resolved:
+        name = _check_service_name(name)
+        if p.project_role == "service":
+            if p.service != name:
+                self._audit.record(
+                    "resolve_service", room=_where(p), actor=p.identity, outcome="denied", target=name
+                )
+                raise PermissionDenied(f"a token of service {p.service!r} may not resolve service {name!r}")
+        else:
+            p.require_project_role("admin", what="resolving a service")
+        manifest = (await self._service(p, name)).manifest
+        env: dict[str, str] = {}
+        sources: dict[str, str] = {}
+
+        def put(var: str, value: str, source: str) -> None:
+            if var in env:
+                raise FailedPrecondition(
+                    f"service {name!r}: environment variable {var} comes from both "
+                    f"{sources[var]} and {source}"
+                )
+            env[var], sources[var] = value, source
+
+        for key_id in manifest.secrets:
+            try:
+                bundle = await self._key(p, key_id)
+            except NotFound:
+                raise FailedPrecondition(
+                    f"service {name!r} declares secret key {key_id!r}, which does not exist",
+                    reason="MISSING_SECRET",
+                ) from None
+            for var, value in sorted(bundle.data.items()):
+                put(var, value, f"secret key {key_id!r}")
+        rendered = render_environment(manifest, variables)
+        obscure = obscure_references(manifest)
+        for entry in rendered:
+            put(
+                entry.name,
+                await self._env_value(p, manifest, entry, obscure, variables),
+                f"environment {entry.name}",
+            )
+        docker = b""
+        if manifest.pull_secret:
+            try:
+                pull = await self._pull_by_id(p, manifest.pull_secret)
+            except NotFound:
+                raise FailedPrecondition(
+                    f"service {name!r} declares pull secret {manifest.pull_secret!r}, which does not exist",
+                    reason="MISSING_SECRET",
+                ) from None
+            docker = docker_config_json(pull)
+        self._audit.record("resolve_service", room=_where(p), actor=p.identity, target=name)
+        return Resolved(env, docker, manifest.image)
+
+    async def _env_value(
+        self,
+        p: Principal,
+        manifest: Manifest,
+        entry: EnvVar,
+        obscure: Mapping[str, str],
+        variables: Mapping[str, str],
+    ) -> str:
+        if entry.name in obscure:
+            return await self._obscure_value(p, manifest, obscure[entry.name], variables)
+        if entry.value is not None:
+            return entry.value
+        if entry.token is not None:
+            return self._token(p, manifest, entry.token)
+        assert entry.secret is not None
+        ref = entry.secret
+        record = await self._store.get_secret(SecretKey(p.room, ref.identity, "", ref.id))
+        if record is None:
+            raise FailedPrecondition(
+                f"service {manifest.name!r}: environment {entry.name} names room secret {ref.id!r} of "
+                f"{ref.identity!r}, which does not exist in room {p.room!r}",
+                reason="MISSING_SECRET",
+            )
+        try:
+            return self._secrets.open(record).decode()
+        except UnicodeDecodeError:
+            raise FailedPrecondition(
+                f"service {manifest.name!r}: room secret {ref.id!r} is not UTF-8 text, so it cannot be an "
+                "environment variable"
+            ) from None
+
+    async def _obscure_value(
+        self, p: Principal, manifest: Manifest, var: str, variables: Mapping[str, str]
+    ) -> str:
+        """An `obscure` template variable lives as a room secret of the service's identity (its
+        name): stored when supplied, read back when not."""
+        key = SecretKey(p.room, manifest.name, "", f"{manifest.name}.{var}")
+        if var in variables:
+            value = variables[var]
+            existing = await self._store.get_secret(key)
+            record = self._secrets.seal(key, "text/plain", "", value.encode())
+            await self._store.put_secret(record, WriteCondition(etag=existing.etag) if existing else ABSENT)
+            self._audit.record(
+                "store_template_secret",
+                room=p.room,
+                actor=p.identity,
+                secret_id=key.secret_id,
+                owner=key.owner,
+            )
+            return value
+        stored = await self._store.get_secret(key)
+        if stored is None:
+            raise InvalidArgument(f"variables.{var}", "is required (no stored value for this room yet)")
+        return self._secrets.open(stored).decode()
+
+    def _token(self, p: Principal, manifest: Manifest, spec: TokenSpec) -> str:
+        if self._mint is None:
+            raise FailedPrecondition(
+                f"service {manifest.name!r} asks for a minted token, but this server has no signing key "
+                "(run it with the development key, or give the token as a room secret)"
+            )
+        return self._mint(spec.identity, p.room, p.project, spec.role, spec.api)
+
+    # -- storage helpers ----------------------------------------------------------------------
+    async def _write(
+        self, p: Principal, secret_id: str, type_: str, name: str, doc: object, condition: WriteCondition
+    ) -> SecretRecord:
+        record = self._secrets.seal(_key(p, secret_id), type_, name, json.dumps(doc).encode())
+        await self._store.put_secret(record, condition)
+        return record
+
+    async def _list(self, p: Principal, type_: str) -> list[SecretRecord]:
+        return await self._store.list_owned(PROJECT_ROOM, _project(p), type_, MAX_ITEMS)
+
+    async def _delete(self, p: Principal, secret_id: str, etag: str, what: str) -> None:
+        condition = WriteCondition(etag=etag) if etag else ANY
+        if not await self._store.delete_secret(_key(p, secret_id), condition):
+            raise NotFound(f"{what} {secret_id.split(':', 1)[1]!r} not found")
+
+    async def _key(self, p: Principal, id_: str) -> SecretKeyBundle:
+        record = await self._store.get_secret(_key(p, "key:" + id_))
+        if record is None or record.type != KEY_TYPE:
+            raise NotFound(f"secret key {id_!r} not found")
+        return self._bundle(record)
+
+    async def _pull_by_id(self, p: Principal, id_: str) -> PullSecret:
+        record = await self._store.get_secret(_key(p, "pull:" + validate.secret_id(id_, "id")))
+        if record is None or record.type != PULL_TYPE:
+            raise NotFound(f"pull secret {id_!r} not found")
+        return self._pull(record)
+
+    async def _service(self, p: Principal, name: str) -> StoredService:
+        record = await self._store.get_secret(_key(p, "service:" + _check_service_name(name)))
+        if record is None or record.type != SERVICE_TYPE:
+            raise NotFound(f"service {name!r} not found")
+        return self._stored_service(record)
+
+    def _bundle(self, record: SecretRecord) -> SecretKeyBundle:
+        doc = json.loads(self._secrets.open(record))
+        return SecretKeyBundle(
+            record.key.secret_id.removeprefix("key:"),
+            doc["name"],
+            dict(doc["data"]),
+            record.etag,
+            record.update_time,
+        )
+
+    def _pull(self, record: SecretRecord) -> PullSecret:
+        doc = json.loads(self._secrets.open(record))
+        return PullSecret(
+            id=record.key.secret_id.removeprefix("pull:"),
+            etag=record.etag,
+            update_time=record.update_time,
+            **doc,
+        )
+
+    def _stored_service(self, record: SecretRecord) -> StoredService:
+        return StoredService(
+            parse_manifest(self._secrets.open(record).decode()), record.etag, record.update_time
+        )
+
+
+def docker_config_json(pull: PullSecret) -> bytes:
+    auth = base64.b64encode(f"{pull.username}:{pull.password}".encode()).decode()
+    doc = {
+        "auths": {
+            pull.server: {
+                "username": pull.username,
+                "password": pull.password,
+                "email": pull.email,
+                "auth": auth,
+            }
+        }
+    }
+    return json.dumps(doc, sort_keys=True).encode()
+
+
+def _project(p: Principal) -> str:
+    if not p.project:
+        raise PermissionDenied("token has no project (`sub` claim)")
+    return p.project
+
+
+def _key(p: Principal, secret_id: str) -> SecretKey:
+    return SecretKey(PROJECT_ROOM, _project(p), "", secret_id)
+
+
+def _where(p: Principal) -> str:
+    return f"project:{p.project}"
+
+
+def _check_env_name(name: str, field: str) -> str:
+    if not _ENV_NAME.fullmatch(name or ""):
+        raise InvalidArgument(
+            field, f"{name[:64]!r} is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)"
+        )
+    return name
+
+
+def _check_pairs(data: Mapping[str, str], field: str) -> list[tuple[str, str]]:
+    if len(data) > MAX_KEYS:
+        raise InvalidArgument(field, f"at most {MAX_KEYS} keys")
+    pairs = []
+    for name, value in data.items():
+        _check_env_name(name, field)
+        if "\x00" in value:
+            raise InvalidArgument(f"{field}.{name}", "must not contain NUL (environment values cannot)")
+        if len(value.encode()) > MAX_VALUE_BYTES:
+            raise InvalidArgument(f"{field}.{name}", "is too long")
+        pairs.append((name, value))
+    return pairs
+
+
+def _check_password(password: str) -> str:
+    if not password:
+        raise InvalidArgument("password", "is required")
+    if len(password) > 64 * 1024:
+        raise InvalidArgument("password", "is too long")
+    return password
+
+
+def _check_service_name(name: str) -> str:
+    if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", name or ""):
+        raise InvalidArgument("name", "must be a service name (lower-case letters, digits and -)")
+    return name
