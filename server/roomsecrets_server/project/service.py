@@ -104,7 +104,10 @@ class ProjectService:
         """The key, and whether the caller may see its values."""
         id_ = validate.secret_id(id_, "id")
         if p.project_role == "service":
-            may_read = id_ in (await self._service(p, p.service)).manifest.secrets
+            try:
+                may_read = id_ in (await self._service(p, p.service)).manifest.secrets
+            except NotFound:
+                may_read = False
             if not may_read:
                 raise PermissionDenied(f"service {p.service!r} does not declare secret key {id_!r}")
         else:
@@ -299,8 +302,13 @@ class ProjectService:
                 ) from None
             for var, value in sorted(bundle.data.items()):
                 put(var, value, f"secret key {key_id!r}")
-        rendered = render_environment(manifest, variables)
         obscure = obscure_references(manifest)
+        supplied = dict(variables)
+        for var in set(obscure.values()) - set(supplied):
+            stored = await self._store.get_secret(_obscure_key(p, manifest, var))
+            if stored is not None:  # given at an earlier install in this room
+                supplied[var] = self._secrets.open(stored).decode()
+        rendered = render_environment(manifest, supplied)
         for entry in rendered:
             put(
                 entry.name,
@@ -356,7 +364,7 @@ class ProjectService:
     ) -> str:
         """An `obscure` template variable lives as a room secret of the service's identity (its
         name): stored when supplied, read back when not."""
-        key = SecretKey(p.room, manifest.name, "", f"{manifest.name}.{var}")
+        key = _obscure_key(p, manifest, var)
         if var in variables:
             value = variables[var]
             existing = await self._store.get_secret(key)
@@ -465,6 +473,10 @@ def _project(p: Principal) -> str:
 
 def _key(p: Principal, secret_id: str) -> SecretKey:
     return SecretKey(PROJECT_ROOM, _project(p), "", secret_id)
+
+
+def _obscure_key(p: Principal, manifest: Manifest, var: str) -> SecretKey:
+    return SecretKey(p.room, manifest.name, "", f"{manifest.name}.{var}")
 
 
 def _where(p: Principal) -> str:
