@@ -11,6 +11,7 @@ from .. import __version__
 from .errors import EXIT_INTERRUPTED, EXIT_LOCAL, PROG, CliError, exit_codes_epilog
 from .oauth import add_oauth_commands
 from .operator import add_rewrap, add_serve, add_token
+from .project import add_project_commands
 from .room import add_room_commands
 
 
@@ -18,8 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="roomsecrets: secrets for rooms of humans, agents and services. Room commands "
-        "take --address/--token (or ROOMSECRETS_ADDRESS / ROOMSECRETS_TOKEN). Only `get` and "
-        "`request` print secret values, and only `oauth request` and `oauth token` print tokens.",
+        "take --address/--token (or ROOMSECRETS_ADDRESS / ROOMSECRETS_TOKEN). Only `get`, "
+        "`request`, `keys get --show-values` and `dockerconfig` print secret values (`run` passes them "
+        "to a command's environment), and only `oauth request` and `oauth token` print tokens.",
         epilog=exit_codes_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -29,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_token(subparsers)
     add_room_commands(subparsers)
     add_oauth_commands(subparsers)
+    add_project_commands(subparsers)
     add_rewrap(subparsers)
     for sub in subparsers.choices.values():
         sub.epilog = exit_codes_epilog()
