@@ -94,6 +94,16 @@ def channel_options(options: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]
     return [*options, *(o for o in DEFAULT_OPTIONS if o[0] not in given)]
 
 
+def open_channel(
+    address: str | None, credentials: grpc.ChannelCredentials | None, options: Sequence[tuple[str, Any]]
+) -> grpc.Channel:
+    """A channel to `address` (default 127.0.0.1:50051): TLS with `credentials`, else plaintext."""
+    target, opts = address or DEFAULT_ADDRESS, channel_options(options)
+    if credentials is None:
+        return grpc.insecure_channel(target, options=opts)
+    return grpc.secure_channel(target, credentials, options=opts)
+
+
 def auth_metadata(token: TokenSource) -> tuple[tuple[str, str], ...]:
     value = token() if callable(token) else token
     return (("authorization", f"Bearer {value}"),) if value else ()
@@ -320,18 +330,13 @@ class SecretsClient:
         self.call_timeout = call_timeout
         self._own_channel = channel is None
         if channel is None:
-            target = address or DEFAULT_ADDRESS
             creds = credentials or channel_credentials(
                 tls=tls,
                 root_certificates=root_certificates,
                 private_key=private_key,
                 certificate_chain=certificate_chain,
             )
-            opts = channel_options(options)
-            if creds is None:
-                channel = grpc.insecure_channel(target, options=opts)
-            else:
-                channel = grpc.secure_channel(target, creds, options=opts)
+            channel = open_channel(address, creds, options)
         self._channel = channel
         self._stub = pb_grpc.RoomSecretsStub(channel)
         self._connectors = cpb_grpc.OAuthConnectorsStub(channel)

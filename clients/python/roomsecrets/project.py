@@ -23,12 +23,11 @@ from typing import Any, Self
 import grpc
 
 from .client import (
-    DEFAULT_ADDRESS,
     DEFAULT_CALL_TIMEOUT,
     TokenSource,
     auth_metadata,
     channel_credentials,
-    channel_options,
+    open_channel,
 )
 from .errors import NotFoundError, error_from_rpc
 from .types import _time
@@ -126,12 +125,7 @@ class ProjectSecretsClient:
                 private_key=private_key,
                 certificate_chain=certificate_chain,
             )
-            target, opts = address or DEFAULT_ADDRESS, channel_options(options)
-            channel = (
-                grpc.insecure_channel(target, options=opts)
-                if creds is None
-                else grpc.secure_channel(target, creds, options=opts)
-            )
+            channel = open_channel(address, creds, options)
         self._channel = channel
         self._stub = pb_grpc.ProjectSecretsStub(channel)
 

@@ -26,7 +26,7 @@ from roomsecrets.errors import SecretsError
 from roomsecrets.project import ProjectSecretsClient, PullSecretInfo, SecretKeyInfo, ServiceInfo
 
 from .errors import EXIT_LOCAL, EXIT_OK, EXIT_USAGE, PROG, CliError, exit_codes_epilog, rpc_exit_code
-from .room import _read_file, connection_options, fail, jsonable, print_json, token_of, write_out
+from .room import client_options, connection_options, fail, jsonable, print_json, write_out
 
 FLAVORS = ("docker", "acr", "gar")
 # `run`: what a shell answers when it cannot start a command.
@@ -48,16 +48,7 @@ ENV_FILE_HELP = (
 # -- connection -----------------------------------------------------------------------------------
 @contextmanager
 def connect(args: argparse.Namespace) -> Iterator[ProjectSecretsClient]:
-    if bool(args.client_cert) != bool(args.client_key):
-        raise CliError("mutual TLS needs both --client-cert and --client-key", EXIT_USAGE)
-    client = ProjectSecretsClient(
-        args.address,
-        token_of(args),
-        tls=bool(args.tls),
-        root_certificates=_read_file(args.tls_ca, "--tls-ca"),
-        certificate_chain=_read_file(args.client_cert, "--client-cert"),
-        private_key=_read_file(args.client_key, "--client-key"),
-    )
+    client = ProjectSecretsClient(**client_options(args))
     try:
         yield client
     finally:

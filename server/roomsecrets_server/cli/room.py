@@ -136,18 +136,23 @@ def token_of(args: argparse.Namespace) -> str:
     return token
 
 
-@contextmanager
-def connect(args: argparse.Namespace) -> Iterator[SecretsClient]:
+def client_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The connection options (address, token, TLS) as client constructor arguments."""
     if bool(args.client_cert) != bool(args.client_key):
         raise CliError("mutual TLS needs both --client-cert and --client-key", EXIT_USAGE)
-    client = SecretsClient(
-        args.address,
-        token_of(args),
-        tls=bool(args.tls),
-        root_certificates=_read_file(args.tls_ca, "--tls-ca"),
-        certificate_chain=_read_file(args.client_cert, "--client-cert"),
-        private_key=_read_file(args.client_key, "--client-key"),
-    )
+    return {
+        "address": args.address,
+        "token": token_of(args),
+        "tls": bool(args.tls),
+        "root_certificates": _read_file(args.tls_ca, "--tls-ca"),
+        "certificate_chain": _read_file(args.client_cert, "--client-cert"),
+        "private_key": _read_file(args.client_key, "--client-key"),
+    }
+
+
+@contextmanager
+def connect(args: argparse.Namespace) -> Iterator[SecretsClient]:
+    client = SecretsClient(**client_options(args))
     try:
         yield client
     finally:
