@@ -14,7 +14,7 @@ import grpc
 import jwt
 import pytest
 from roomsecrets.errors import NotFoundError, PermissionDeniedError
-from roomsecrets.project import ProjectSecretsClient
+from roomsecrets.project import AsyncProjectSecretsClient, ProjectSecretsClient
 from roomsecrets.v1 import project_secrets_pb2 as pb
 from roomsecrets.v1 import project_secrets_pb2_grpc as pb_grpc
 from roomsecrets.v1 import room_secrets_pb2 as rpb
@@ -55,6 +55,18 @@ TEMPLATE = textwrap.dedent(
       environment:
         - {name: API_KEY, value: "{{ api_key }}"}
         - {name: MODEL, value: "model-{{ model }}"}
+    """
+)
+SMALL_MANIFEST = textwrap.dedent(
+    """
+    version: v1
+    kind: Service
+    metadata: {name: api}
+    container:
+      image: registry.example/api:1.2
+      secrets: [openai]
+      environment:
+        - {name: LOG_LEVEL, value: debug}
     """
 )
 VALUES = (OPENAI, DB, REGISTRY_PASSWORD, ROOM_SECRET)
@@ -295,3 +307,22 @@ def test_bad_input_names_the_field(admin: ProjectSecretsClient, room: Participan
             method(request, metadata=md)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
         assert field in str(err.value.details())
+
+
+async def test_async_client(room: Participants) -> None:
+    async with AsyncProjectSecretsClient(
+        room.server.address, room.token("ops", project_role="admin")
+    ) as admin:
+        await admin.create_secret_key("OpenAI", {"OPENAI_API_KEY": OPENAI}, id="openai")
+        await admin.apply_service(SMALL_MANIFEST)
+        assert [k.id for k in await admin.list_secret_keys()] == ["openai"]
+        assert [s.name for s in await admin.list_services()] == ["api"]
+        resolved = await admin.resolve_service("api")
+        assert dict(resolved.environment) == {"OPENAI_API_KEY": OPENAI, "LOG_LEVEL": "debug"}
+        assert resolved.docker_config_json == b""
+        assert await admin.get_secret_key("missing") is None
+    async with AsyncProjectSecretsClient(
+        room.server.address, room.token("x", project_role="service", service="x")
+    ) as other:
+        with pytest.raises(PermissionDeniedError):
+            await other.resolve_service("api")

@@ -45,6 +45,7 @@ from .handlers import (
     RequestHandlerThread,
     SecretRequestHandler,
 )
+from .project import AsyncProjectSecretsClient, ProjectSecretsClient
 from .types import (
     ConnectorInfo,
     ConnectorRef,
@@ -66,6 +67,7 @@ __all__ = [
     "AbortedError",
     "AlreadyExistsError",
     "AsyncOAuthTokenRequestHandler",
+    "AsyncProjectSecretsClient",
     "AsyncRequestHandler",
     "AsyncRequestStream",
     "AsyncSecretRequestHandler",
@@ -87,6 +89,7 @@ __all__ = [
     "OAuthTokenRequest",
     "OAuthTokenRequestHandler",
     "PermissionDeniedError",
+    "ProjectSecretsClient",
     "RejectRequest",
     "RequestCancelledError",
     "RequestClosed",

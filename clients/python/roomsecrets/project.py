@@ -21,12 +21,15 @@ from types import TracebackType
 from typing import Any, Self
 
 import grpc
+import grpc.aio
 
 from .client import (
+    DEFAULT_ADDRESS,
     DEFAULT_CALL_TIMEOUT,
     TokenSource,
     auth_metadata,
     channel_credentials,
+    channel_options,
     open_channel,
 )
 from .errors import NotFoundError, error_from_rpc
@@ -263,6 +266,179 @@ class ProjectSecretsClient:
 
     def resolve_service(self, name: str, variables: Mapping[str, str] | None = None) -> ResolvedService:
         reply = self._call(
+            self._stub.ResolveService, pb.ResolveServiceRequest(name=name, variables=dict(variables or {}))
+        )
+        return ResolvedService(dict(reply.environment), bytes(reply.docker_config_json), reply.image)
+
+
+class AsyncProjectSecretsClient:
+    """`ProjectSecretsClient` for asyncio: the same methods as coroutines (an existing `channel`
+    must be a grpc.aio channel)."""
+
+    def __init__(
+        self,
+        address: str | None = None,
+        token: TokenSource = None,
+        *,
+        channel: grpc.aio.Channel | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+        call_timeout: float | None = DEFAULT_CALL_TIMEOUT,
+    ) -> None:
+        self._token = token
+        self.call_timeout = call_timeout
+        self._own_channel = channel is None
+        if channel is None:
+            creds = channel_credentials(
+                tls=tls,
+                root_certificates=root_certificates,
+                private_key=private_key,
+                certificate_chain=certificate_chain,
+            )
+            target, opts = address or DEFAULT_ADDRESS, channel_options(options)
+            channel = (
+                grpc.aio.insecure_channel(target, options=opts)
+                if creds is None
+                else grpc.aio.secure_channel(target, creds, options=opts)
+            )
+        self._channel = channel
+        self._stub = pb_grpc.ProjectSecretsStub(channel)
+
+    async def close(self) -> None:
+        if self._own_channel:
+            await self._channel.close(None)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    async def _call(self, method: Any, request: Any) -> Any:
+        try:
+            return await method(request, metadata=auth_metadata(self._token), timeout=self.call_timeout)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from err
+
+    # -- secret keys --------------------------------------------------------------------------
+    async def create_secret_key(
+        self, name: str, data: Mapping[str, str], *, id: str | None = None
+    ) -> SecretKeyInfo:
+        reply = await self._call(
+            self._stub.CreateSecretKey, pb.CreateSecretKeyRequest(id=id or "", name=name, data=dict(data))
+        )
+        return SecretKeyInfo.from_pb(reply.secret_key)
+
+    async def get_secret_key(self, id: str) -> SecretKeyInfo | None:
+        try:
+            reply = await self._call(self._stub.GetSecretKey, pb.GetSecretKeyRequest(id=id))
+        except NotFoundError:
+            return None
+        return SecretKeyInfo.from_pb(reply.secret_key, reply.data)
+
+    async def list_secret_keys(self) -> list[SecretKeyInfo]:
+        reply = await self._call(self._stub.ListSecretKeys, pb.ListSecretKeysRequest())
+        return [SecretKeyInfo.from_pb(k) for k in reply.secret_keys]
+
+    async def update_secret_key(
+        self,
+        id: str,
+        *,
+        set: Mapping[str, str] | None = None,
+        remove: Sequence[str] = (),
+        name: str | None = None,
+        etag: str | None = None,
+    ) -> SecretKeyInfo:
+        request = pb.UpdateSecretKeyRequest(
+            id=id, name=name or "", set=dict(set or {}), remove=list(remove), etag=etag or ""
+        )
+        return SecretKeyInfo.from_pb((await self._call(self._stub.UpdateSecretKey, request)).secret_key)
+
+    async def delete_secret_key(self, id: str, *, etag: str | None = None) -> None:
+        await self._call(self._stub.DeleteSecretKey, pb.DeleteSecretKeyRequest(id=id, etag=etag or ""))
+
+    # -- image pull secrets -------------------------------------------------------------------
+    async def create_pull_secret(
+        self,
+        name: str,
+        *,
+        server: str,
+        username: str = "",
+        password: str,
+        email: str = "",
+        flavor: str = "docker",
+        id: str | None = None,
+    ) -> PullSecretInfo:
+        if flavor not in _FLAVORS:
+            raise ValueError(f"flavor must be one of {', '.join(_FLAVORS)}")
+        request = pb.CreatePullSecretRequest(
+            id=id or "",
+            name=name,
+            flavor=_FLAVORS[flavor],
+            server=server,
+            username=username,
+            password=password,
+            email=email,
+        )
+        return PullSecretInfo.from_pb((await self._call(self._stub.CreatePullSecret, request)).pull_secret)
+
+    async def update_pull_secret(
+        self,
+        id: str,
+        *,
+        name: str = "",
+        server: str = "",
+        username: str = "",
+        password: str = "",
+        email: str = "",
+        etag: str | None = None,
+    ) -> PullSecretInfo:
+        request = pb.UpdatePullSecretRequest(
+            id=id,
+            name=name,
+            server=server,
+            username=username,
+            password=password,
+            email=email,
+            etag=etag or "",
+        )
+        return PullSecretInfo.from_pb((await self._call(self._stub.UpdatePullSecret, request)).pull_secret)
+
+    async def list_pull_secrets(self) -> list[PullSecretInfo]:
+        reply = await self._call(self._stub.ListPullSecrets, pb.ListPullSecretsRequest())
+        return [PullSecretInfo.from_pb(s) for s in reply.pull_secrets]
+
+    async def delete_pull_secret(self, id: str, *, etag: str | None = None) -> None:
+        await self._call(self._stub.DeletePullSecret, pb.DeletePullSecretRequest(id=id, etag=etag or ""))
+
+    # -- services -----------------------------------------------------------------------------
+    async def apply_service(self, manifest: str, *, etag: str | None = None) -> ServiceInfo:
+        reply = await self._call(
+            self._stub.ApplyService, pb.ApplyServiceRequest(manifest=manifest, etag=etag or "")
+        )
+        return ServiceInfo.from_pb(reply.service)
+
+    async def get_service(self, name: str) -> ServiceInfo | None:
+        try:
+            reply = await self._call(self._stub.GetService, pb.GetServiceRequest(name=name))
+        except NotFoundError:
+            return None
+        return ServiceInfo.from_pb(reply.service)
+
+    async def list_services(self) -> list[ServiceInfo]:
+        return [
+            ServiceInfo.from_pb(s)
+            for s in (await self._call(self._stub.ListServices, pb.ListServicesRequest())).services
+        ]
+
+    async def delete_service(self, name: str, *, etag: str | None = None) -> None:
+        await self._call(self._stub.DeleteService, pb.DeleteServiceRequest(name=name, etag=etag or ""))
+
+    async def resolve_service(self, name: str, variables: Mapping[str, str] | None = None) -> ResolvedService:
+        reply = await self._call(
             self._stub.ResolveService, pb.ResolveServiceRequest(name=name, variables=dict(variables or {}))
         )
         return ResolvedService(dict(reply.environment), bytes(reply.docker_config_json), reply.image)
