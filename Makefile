@@ -39,11 +39,19 @@ tools: $(TOOLS)/grpcurl
 run: $(VENV)/.installed
 	$(BIN)/roomsecrets serve --data-dir $(DATA_DIR) --listen $(LISTEN)
 
-test: $(VENV)/.installed $(TOOLS)/grpcurl
-	$(PY) -m pytest -q
+JS := clients/js
 
-gen: $(VENV)/.installed
-	PYTHON=$(CURDIR)/$(PY) tools/gen.sh
+$(JS)/node_modules/.installed: $(JS)/package.json $(JS)/package-lock.json
+	cd $(JS) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+test: $(VENV)/.installed $(TOOLS)/grpcurl $(JS)/node_modules/.installed
+	$(PY) -m pytest -q
+	cd $(JS) && ROOMSECRETS_BIN=$(CURDIR)/$(BIN)/roomsecrets npm test --silent
+	cd clients/go && ROOMSECRETS_BIN=$(CURDIR)/$(BIN)/roomsecrets go test -count=1 ./...
+
+gen: $(VENV)/.installed $(JS)/node_modules/.installed
+	PYTHON=$(CURDIR)/$(PY) TOOLS=$(TOOLS) tools/gen.sh
 
 check-gen: gen
 	@git add -N clients proto >/dev/null 2>&1 || true

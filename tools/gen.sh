@@ -13,3 +13,12 @@ rm -f "$out"/roomsecrets/v1/*_pb2*.py "$out"/roomsecrets/v1/*_pb2*.pyi
   --mypy_out="$out" --mypy_grpc_out="$out" \
   proto/roomsecrets/v1/*.proto
 printf '"""Generated from proto/roomsecrets/v1 by tools/gen.sh; do not edit."""\n' > "$out/roomsecrets/v1/__init__.py"
+
+# Go: messages and gRPC stubs (protoc-gen-go, protoc-gen-go-grpc, pinned, installed by the script).
+PYTHON="$PY" clients/go/gen.sh
+
+# JS/TS: protoc-gen-es v2 from clients/js/node_modules (the Makefile runs `npm ci` first).
+PYTHON="$PY" clients/js/gen.sh
+
+# .NET generates its stubs at build time from proto/ (Grpc.Tools in the csproj); Dart needs the
+# Dart SDK (clients/dart/gen.sh). Neither SDK is on the build machines: see their READMEs.
