@@ -16,7 +16,7 @@ export PATH := $(TOOLS):$(CURDIR)/$(BIN):$(PATH)
 
 help:
 	@echo "make run        start the server on $(LISTEN) with the embedded default (SQLite in $(DATA_DIR))"
-	@echo "make test       install everything and run the whole test suite"
+	@echo "make test       install everything and run the whole test suite (JS, Go, then Python)"
 	@echo "make gen        regenerate every client's stubs from proto/"
 	@echo "make check-gen  fail if the committed generated code is stale"
 	@echo "make lint       ruff, mypy --strict, buf lint"
@@ -46,9 +46,9 @@ $(JS)/node_modules/.installed: $(JS)/package.json $(JS)/package-lock.json
 	touch $@
 
 test: $(VENV)/.installed $(TOOLS)/grpcurl $(JS)/node_modules/.installed
-	$(PY) -m pytest -q
 	cd $(JS) && ROOMSECRETS_BIN=$(CURDIR)/$(BIN)/roomsecrets npm test --silent
-	cd clients/go && ROOMSECRETS_BIN=$(CURDIR)/$(BIN)/roomsecrets go test -count=1 ./...
+	cd clients/go && ROOMSECRETS_BIN=$(CURDIR)/$(BIN)/roomsecrets go vet ./... && go test -count=1 ./...
+	$(PY) -m pytest -q
 
 gen: $(VENV)/.installed $(JS)/node_modules/.installed
 	PYTHON=$(CURDIR)/$(PY) TOOLS=$(TOOLS) tools/gen.sh
