@@ -332,7 +332,7 @@ def test_reject_and_timeout_reach_the_requester(
     timed_out = alice("request", "--from-participant-id", "bob", "--url", "u2", "--timeout", "1")
     assert timed_out.returncode == 64 + 4, timed_out.stderr
     assert stderr_line(timed_out).startswith("roomsecrets: DEADLINE_EXCEEDED: ")
-    assert time.monotonic() - started < 6
+    assert time.monotonic() - started < 30  # the 1 s timeout, not the 300 s default
     assert watch.poll() is None
 
     # The third request ends `watch --count 3`; bob no longer listens, so it is cancelled.
