@@ -167,7 +167,7 @@ def test_unanswered_request_times_out_and_expires_for_the_asked_participant(
     with pytest.raises(grpc.RpcError) as caught:
         ask(room, timeout=1)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert 0.9 <= time.monotonic() - started < 5
+    assert 0.9 <= time.monotonic() - started < 20  # the 1 s timeout, not the default
     request_id = bob.requests()[0].request_id
     assert bob.closed(request_id).state == pb.REQUEST_STATE_EXPIRED
     with pytest.raises(grpc.RpcError) as late:
@@ -240,7 +240,7 @@ def test_participant_gone_past_the_grace_cancels_its_pending_requests(room: Part
             pending.result(timeout=10)
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "stopped listening" in (caught.value.details() or "")
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 20  # after the grace, not the 60 s timeout
 
 
 def test_only_the_asked_participant_may_answer(room: Participants, watchers: list[Watcher]) -> None:
@@ -437,7 +437,7 @@ def test_shutdown_ends_streams_cleanly(data_dir: Path) -> None:
     started = time.monotonic()
     running.stop()
     assert bob.ended.wait(5)
-    assert time.monotonic() - started < 3, "stream was not ended promptly"
+    assert time.monotonic() - started < 10, "stream was not ended within the shutdown grace"
     # A retryable status with a clear message, so clients know to reconnect (not a silent OK).
     assert bob.error is not None
     assert bob.error.code() == grpc.StatusCode.UNAVAILABLE
