@@ -267,8 +267,8 @@ class OAuthService:
             sealed = self._seal_tokens(key, flow.config, tokens)
             condition = WriteCondition(etag=existing.etag) if existing else ABSENT
             try:
-                won = await self._store.close_request(
-                    request_id, RequestState.PROVIDED, "", secret=sealed, secret_condition=condition
+                won = await self._requests.close(
+                    record, RequestState.PROVIDED, "", secret=sealed, secret_condition=condition
                 )
             except (EtagMismatch, AlreadyExists):
                 continue
@@ -276,7 +276,6 @@ class OAuthService:
                 raise FailedPrecondition(
                     f"request {request_id} is no longer pending", reason="REQUEST_NOT_PENDING"
                 )
-            self._requests.notify_closed(record, RequestState.PROVIDED, "")
             self._audit.record(
                 "provide_oauth",
                 room=p.room,

@@ -20,7 +20,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 from .. import validate
 from ..audit import AuditLog
@@ -36,8 +36,19 @@ from ..errors import (
     Unavailable,
 )
 from ..secrets.service import SecretsService, SecretValue
-from ..store import ABSENT, RequestRecord, RequestState, SecretKey, Store, WriteCondition
+from ..store import (
+    ABSENT,
+    ANY,
+    RequestRecord,
+    RequestState,
+    SecretKey,
+    SecretRecord,
+    Store,
+    WriteCondition,
+)
 from .notifier import Event, Notifier, RequestClosed, RequestOpened
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +192,15 @@ class RequestService:
             deadline=deadline,
             params=params,
         )
-        await self._store.create_request(record)
-        self._notifier.publish(p.room, target, RequestOpened(record))
+        created = self._spawn(self._create_and_publish(record))
+        try:
+            await asyncio.shield(created)
+        except asyncio.CancelledError:
+            # The requester went away while the request was being stored: once it is stored,
+            # cancel it, so the asked participant is not left holding a question nobody awaits.
+            if not self._stopping:
+                self._spawn(self._cancel_once_created(created, record))
+            raise
         self._audit.record(
             action,
             room=p.room,
@@ -192,6 +210,14 @@ class RequestService:
             target=target,
         )
         return record
+
+    async def _create_and_publish(self, record: RequestRecord) -> None:
+        await self._store.create_request(record)
+        self._notifier.publish(record.room, record.target, RequestOpened(record))
+
+    async def _cancel_once_created(self, created: asyncio.Task[None], record: RequestRecord) -> None:
+        await created
+        await self.close(record, RequestState.CANCELLED, "requester cancelled")
 
     async def await_answer(self, record: RequestRecord, my_deadline: float) -> RequestRecord:
         """Wait until the request is closed (by an answer, expiry or cancellation); bounded by
@@ -208,7 +234,7 @@ class RequestService:
                         return current
                     now = time.time()
                     if now >= my_deadline:
-                        if now >= current.deadline - 0.001 and not await self._close(
+                        if now >= current.deadline - 0.001 and not await self.close(
                             current, RequestState.EXPIRED, "timed out"
                         ):
                             continue  # answered at the last moment: use the answer
@@ -220,7 +246,7 @@ class RequestService:
             if self._waiters[request_id] == 1 and not self._stopping:  # nobody else is waiting here
                 expired = time.time() >= my_deadline - 0.05
                 state = RequestState.EXPIRED if expired else RequestState.CANCELLED
-                self._spawn(self._close(record, state, "timed out" if expired else "requester cancelled"))
+                self._spawn(self.close(record, state, "timed out" if expired else "requester cancelled"))
             raise
         finally:
             self._waiters[request_id] -= 1
@@ -267,14 +293,13 @@ class RequestService:
             secret = self._secrets.seal(key, record.type, record.url, data)
             condition = WriteCondition(etag=existing.etag) if existing else ABSENT
             try:
-                won = await self._store.close_request(
-                    request_id, RequestState.PROVIDED, "", secret=secret, secret_condition=condition
+                won = await self.close(
+                    record, RequestState.PROVIDED, "", secret=secret, secret_condition=condition
                 )
             except (EtagMismatch, AlreadyExists):
                 continue  # the stored secret changed under us; look again
             if not won:
                 raise self._not_pending(await self._store.get_request(request_id))
-            self.notify_closed(record, RequestState.PROVIDED, "")
             self._audit.record(
                 "provide_secret",
                 room=p.room,
@@ -292,7 +317,7 @@ class RequestService:
         validate.secret_id(request_id, "request_id")
         reason = validate.text(error, "error", validate.MAX_REASON) or "rejected"
         record = await self.answerable(p, request_id, kind)
-        if not await self._close(record, RequestState.REJECTED, reason):
+        if not await self.close(record, RequestState.REJECTED, reason):
             raise self._not_pending(await self._store.get_request(request_id))
         self._audit.record(f"reject_{kind}", room=p.room, actor=p.identity, request_id=request_id)
 
@@ -313,7 +338,7 @@ class RequestService:
         if record.state is not RequestState.PENDING:
             raise self._not_pending(record)
         if record.deadline <= time.time():
-            await self._close(record, RequestState.EXPIRED, "timed out")
+            await self.close(record, RequestState.EXPIRED, "timed out")
             raise FailedPrecondition(f"request {request_id} has expired", reason="REQUEST_NOT_PENDING")
         return record
 
@@ -348,8 +373,33 @@ class RequestService:
             self._notifier.unsubscribe(subscription)
 
     # -- closing ------------------------------------------------------------------------------
-    async def _close(self, record: RequestRecord, state: RequestState, reason: str) -> bool:
-        if not await self._store.close_request(record.request_id, state, reason):
+    async def close(
+        self,
+        record: RequestRecord,
+        state: RequestState,
+        reason: str,
+        *,
+        secret: SecretRecord | None = None,
+        secret_condition: WriteCondition = ANY,
+    ) -> bool:
+        """Close a pending request in the store (with the answer's secret, atomically) and tell
+        everyone waiting on it. False if it was no longer pending. Shielded: a caller cancelled
+        mid-close (its deadline fired) must not leave the request closed with nobody told."""
+        return await asyncio.shield(
+            self._spawn(self._close_and_notify(record, state, reason, secret, secret_condition))
+        )
+
+    async def _close_and_notify(
+        self,
+        record: RequestRecord,
+        state: RequestState,
+        reason: str,
+        secret: SecretRecord | None,
+        secret_condition: WriteCondition,
+    ) -> bool:
+        if not await self._store.close_request(
+            record.request_id, state, reason, secret=secret, secret_condition=secret_condition
+        ):
             return False
         self.notify_closed(record, state, reason)
         return True
@@ -376,7 +426,7 @@ class RequestService:
         if await self._notifier.wait_listening(room, identity, self.listener_grace):
             return
         for record in await self._store.pending_requests_for(room, identity, time.time()):
-            await self._close(record, RequestState.CANCELLED, f"participant {identity!r} stopped listening")
+            await self.close(record, RequestState.CANCELLED, f"participant {identity!r} stopped listening")
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -387,7 +437,8 @@ class RequestService:
             except Exception:
                 log.exception("request expiry sweep failed")
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
