@@ -86,7 +86,9 @@ async def measure(data_dir: Path, payload_bytes: int, timer: Timer) -> None:
     settings = Settings(data_dir=data_dir, listen="127.0.0.1:0")
     server = RoomSecretsServer(settings)
     servicer = RoomSecretsServicer(server.verifier, server.secrets, server.requests, server.oauth)
-    secrets, store, audit, keyring = server.secrets, server.store, server.audit, server.keyring
+    secrets, audit, keyring = server.secrets, server.audit, server.keyring
+    store = server.store
+    assert isinstance(store, sqlite_store.SqliteStore)  # this profile reads SQLite directly
     token = mint_token(data_dir, identity=IDENTITY, room=ROOM)
     ctx: Any = FakeContext(token)
     principal = server.verifier.authenticate(authorization(ctx))

@@ -374,7 +374,9 @@ def test_rewrap_rotate_while_the_server_serves(
         for secret_id, value in values.items():
             client.set_secret(secret_id, data=value)
 
-        done = run("rewrap", "--rotate", "--data-dir", str(data_dir))
+        done = run(
+            "rewrap", "--rotate", "--data-dir", str(data_dir), "--database-url", server.settings.database_url
+        )
         assert done.returncode == 0, done.stderr
         out = done.stdout.decode()
         assert re.search(r"re-wrapped 3 values under key-encryption key kek-", out), out
@@ -390,7 +392,7 @@ def test_rewrap_rotate_while_the_server_serves(
         assert content is not None and content.data == b"new"
 
     # Nothing left under the old key: a second rewrap moves nothing.
-    again = run("rewrap", "--data-dir", str(data_dir))
+    again = run("rewrap", "--data-dir", str(data_dir), "--database-url", server.settings.database_url)
     assert again.returncode == 0 and b"re-wrapped 0 values" in again.stdout
 
 

@@ -31,12 +31,15 @@ from .oauth.connectors import ConnectorService
 from .oauth.provider import AuthorizationServer
 from .oauth.service import OAuthService
 from .project.service import ProjectService
-from .requests.notifier import LocalNotifier
+from .requests.notifier import LocalNotifier, Notifier
+from .requests.pg_notifier import PgNotifier
 from .requests.service import RequestService
 from .rpc.oauth_connectors import OAuthConnectorsServicer
 from .rpc.project_secrets import ProjectSecretsServicer
 from .rpc.room_secrets import RoomSecretsServicer
 from .secrets.service import SecretsService
+from .store import Store
+from .store.postgres import PostgresStore
 from .store.sqlite import SqliteStore
 
 log = logging.getLogger("roomsecrets")
@@ -71,6 +74,15 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
+def open_store(settings: Settings) -> tuple[Store, Notifier]:
+    """The backend the settings choose, and the notifier that fits it: with SQLite one process
+    serves, with PostgreSQL replicas relay events to each other through the database."""
+    if settings.database_url:
+        store = PostgresStore(settings.database_url)
+        return store, PgNotifier(store)
+    return SqliteStore(settings.database_path), LocalNotifier()
+
+
 class RoomSecretsServer:
     def __init__(self, settings: Settings) -> None:
         settings.check()
@@ -80,7 +92,7 @@ class RoomSecretsServer:
         self.keyring.ensure()
         self.keyring.envelope()  # fail at start, not on first use, if the keyring is unreadable
         self.verifier = TokenVerifier(verification_keys(settings))
-        self.store = SqliteStore(settings.database_path)
+        self.store, notifier = open_store(settings)
         self.audit = AuditLog(settings.audit_log_path)
         self.secrets = SecretsService(
             self.store, self.keyring, self.audit, max_value_bytes=settings.max_value_bytes
@@ -88,7 +100,7 @@ class RoomSecretsServer:
         self.requests = RequestService(
             self.store,
             self.secrets,
-            LocalNotifier(),
+            notifier,
             self.audit,
             listener_grace=settings.listener_grace,
             sweep_interval=settings.sweep_interval,
@@ -121,6 +133,11 @@ class RoomSecretsServer:
         return f"{host}:{self.port}"
 
     async def start(self) -> None:
+        try:
+            await self.store.open()
+        except BaseException:
+            await self.store.close()
+            raise
         server = grpc.aio.server(options=server_options(self.settings))
         room_secrets_pb2_grpc.add_RoomSecretsServicer_to_server(
             RoomSecretsServicer(self.verifier, self.secrets, self.requests, self.oauth), server
@@ -143,10 +160,16 @@ class RoomSecretsServer:
             server,
         )
         self.port = self._bind(server)
+        try:
+            # Events from other replicas flow before the first stream can open.
+            await self.requests.start()
+        except BaseException:
+            await self.requests.stop()
+            await self.store.close()
+            raise
         await server.start()
         self._server = server
         self.audit.start()
-        self.requests.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(ROOM_SECRETS, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(OAUTH_CONNECTORS, health_pb2.HealthCheckResponse.SERVING)

@@ -37,6 +37,9 @@ class Settings:
     # their lifetime); token endpoint calls give up after oauth_http_timeout seconds.
     oauth_refresh_margin: float = 60.0
     oauth_http_timeout: float = 10.0
+    # Empty: the embedded SQLite database in data_dir. A postgresql:// URL: the shared PostgreSQL
+    # store, which any number of replicas (same keyring and token keys) may use at once.
+    database_url: str = ""
 
     @property
     def max_message_bytes(self) -> int:
@@ -66,6 +69,8 @@ class Settings:
                 f"refusing plaintext on non-loopback address {self.listen}: configure TLS "
                 "or pass --allow-insecure-remote"
             )
+        if self.database_url and not self.database_url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("database_url must be a postgresql:// URL (or empty for SQLite)")
         if not self.dev_signing_key and not (self.jwt_public_keys or self.jwks_files):
             raise ValueError("no token verification keys: enable the dev key or configure public keys")
 

@@ -18,12 +18,11 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from ..app import RoomSecretsServer, serve
+from ..app import RoomSecretsServer, open_store, serve
 from ..auth.dev_key import DEV_KEY_FILE, mint_token
 from ..config import DEFAULT_LISTEN, Settings
 from ..crypto.keyring import KeyringFile
 from ..secrets.rewrap import rewrap_all
-from ..store.sqlite import SqliteStore
 from .errors import EXIT_OK, EXIT_USAGE, PROG, CliError
 
 log = logging.getLogger("roomsecrets")
@@ -73,6 +72,17 @@ def add_data_dir(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_database_url(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--database-url",
+        default=env("DATABASE_URL", ""),
+        metavar="URL",
+        help="a postgresql:// URL: keep everything in that PostgreSQL database, which several "
+        "replicas may share (default: SQLite in the data dir). Prefer the environment variable "
+        "ROOMSECRETS_DATABASE_URL for a URL holding a password: arguments are visible to `ps`",
+    )
+
+
 # -- serve ----------------------------------------------------------------------------------------
 def add_serve(subparsers: Any) -> None:
     p: argparse.ArgumentParser = subparsers.add_parser(
@@ -83,6 +93,7 @@ def add_serve(subparsers: Any) -> None:
         "(e.g. ROOMSECRETS_LISTEN; lists are separated by the path separator).",
     )
     add_data_dir(p)
+    add_database_url(p)
     p.add_argument(
         "--listen",
         default=env("LISTEN", DEFAULT_LISTEN),
@@ -195,6 +206,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         tls_client_ca=args.tls_client_ca,
         allow_insecure_remote=args.allow_insecure_remote,
         audit_log=args.audit_log,
+        database_url=args.database_url,
     )
 
 
@@ -331,6 +343,7 @@ def add_rewrap(subparsers: Any) -> None:
         "keyring.json within a second). Values are never decrypted; no key material is printed.",
     )
     add_data_dir(p)
+    add_database_url(p)
     p.add_argument("--rotate", action="store_true", help="add a new key-encryption key first")
     p.add_argument(
         "--settle",
@@ -343,10 +356,14 @@ def add_rewrap(subparsers: Any) -> None:
 
 
 def run_rewrap(args: argparse.Namespace) -> int:
-    settings = Settings(data_dir=args.data_dir)
+    settings = Settings(data_dir=args.data_dir, database_url=args.database_url)
+    try:
+        settings.check()
+    except ValueError as error:
+        raise CliError(str(error), EXIT_USAGE) from None
     if not settings.keyring_path.is_file():
         raise CliError(f"no keyring at {settings.keyring_path} (is --data-dir right?)")
-    if not settings.database_path.is_file():
+    if not settings.database_url and not settings.database_path.is_file():
         raise CliError(f"no database at {settings.database_path} (is --data-dir right?)")
     keyring = KeyringFile(settings.keyring_path)
     try:
@@ -368,7 +385,12 @@ def key_count(keyring: KeyringFile) -> int:
 
 
 async def _rewrap(settings: Settings, keyring: KeyringFile) -> int:
-    store = SqliteStore(settings.database_path)
+    store, _ = open_store(settings)
+    try:
+        await store.open()
+    except OSError as error:
+        await store.close()
+        raise CliError(str(error)) from None
     try:
         return await rewrap_all(store, keyring)
     except TimeoutError as error:

@@ -1,9 +1,9 @@
 """Wake-ups and presence for request flows.
 
 The store is the source of truth for request state; the notifier only says "look again" and
-who is listening. LocalNotifier does this inside one process. A multi-replica deployment
-replaces it with one that relays the same calls between processes (e.g. PostgreSQL
-LISTEN/NOTIFY) — the Notifier protocol below is the whole contract.
+who is listening. LocalNotifier does this inside one process; PgNotifier (pg_notifier.py) relays
+the same calls between replicas sharing a PostgreSQL database. The Notifier protocol below is the
+whole contract.
 """
 
 from __future__ import annotations
@@ -71,7 +71,11 @@ class RequestWatch:
 
 
 class Notifier(Protocol):
-    def subscribe(self, room: str, identity: str) -> Subscription: ...
+    async def start(self) -> None: ...
+    async def subscribe(self, room: str, identity: str) -> Subscription:
+        """Register a stream; once this returns, requesters anywhere see `identity` listening."""
+        ...
+
     def unsubscribe(self, subscription: Subscription) -> None: ...
     def listening(self, room: str, identity: str) -> bool: ...
     async def wait_listening(self, room: str, identity: str, timeout: float) -> bool: ...
@@ -79,7 +83,9 @@ class Notifier(Protocol):
     def watch_request(self, request_id: str) -> AbstractContextManager[RequestWatch]: ...
     def request_changed(self, request_id: str) -> None: ...
     def on_stopped_listening(self, callback: Callable[[str, str], None]) -> None: ...
-    def close(self) -> None: ...
+    async def close(self) -> None:
+        """End every stream (graceful shutdown)."""
+        ...
 
 
 class LocalNotifier:
@@ -90,7 +96,13 @@ class LocalNotifier:
         self._stopped_listening: list[Callable[[str, str], None]] = []
         self._closed = False
 
-    def subscribe(self, room: str, identity: str) -> Subscription:
+    async def start(self) -> None:
+        pass
+
+    async def subscribe(self, room: str, identity: str) -> Subscription:
+        return self.subscribe_now(room, identity)
+
+    def subscribe_now(self, room: str, identity: str) -> Subscription:
         subscription = Subscription(room, identity)
         if self._closed:
             subscription.push(None)
@@ -113,6 +125,14 @@ class LocalNotifier:
 
     def listening(self, room: str, identity: str) -> bool:
         return bool(self._subscriptions.get((room, identity)))
+
+    def listeners(self) -> list[tuple[str, str]]:
+        """(room, identity) of every open stream."""
+        return list(self._subscriptions)
+
+    def watched_requests(self) -> list[str]:
+        """Ids of the requests someone here waits on."""
+        return list(self._watches)
 
     async def wait_listening(self, room: str, identity: str, timeout: float) -> bool:
         if self.listening(room, identity):
@@ -157,8 +177,10 @@ class LocalNotifier:
     def on_stopped_listening(self, callback: Callable[[str, str], None]) -> None:
         self._stopped_listening.append(callback)
 
-    def close(self) -> None:
-        """End every stream (graceful shutdown)."""
+    async def close(self) -> None:
+        self.close_now()
+
+    def close_now(self) -> None:
         self._closed = True
         for subs in self._subscriptions.values():
             for subscription in subs:

@@ -50,6 +50,8 @@ from .notifier import Event, Notifier, RequestClosed, RequestOpened
 
 T = TypeVar("T")
 
+RECHECK_SECONDS = 5.0
+
 log = logging.getLogger(__name__)
 
 SECRET = "secret"  # noqa: S105 - a request kind, not a credential
@@ -88,12 +90,13 @@ class RequestService:
         notifier.on_stopped_listening(self._stopped_listening)
 
     # -- lifecycle ----------------------------------------------------------------------------
-    def start(self) -> None:
+    async def start(self) -> None:
+        await self._notifier.start()
         self._spawn(self._sweep_forever())
 
     async def stop(self) -> None:
         self._stopping = True
-        self._notifier.close()
+        await self._notifier.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -241,7 +244,9 @@ class RequestService:
                         raise RequestTimedOut(
                             f"request {request_id} to {current.target!r} timed out", reason="REQUEST_EXPIRED"
                         )
-                    await watch.wait(min(my_deadline, current.deadline) - now)
+                    # Woken by the notifier; the re-read every RECHECK_SECONDS is a safety net
+                    # for a wake-up lost between replicas (e.g. the database restarting).
+                    await watch.wait(min(my_deadline, current.deadline, now + RECHECK_SECONDS) - now)
         except asyncio.CancelledError:
             if self._waiters[request_id] == 1 and not self._stopping:  # nobody else is waiting here
                 expired = time.time() >= my_deadline - 0.05
@@ -353,7 +358,7 @@ class RequestService:
     # -- the inbound stream -------------------------------------------------------------------
     async def watch(self, p: Principal) -> AsyncIterator[Event | WatchReady]:
         p.require_secrets()
-        subscription = self._notifier.subscribe(p.room, p.identity)  # first, so nothing slips by
+        subscription = await self._notifier.subscribe(p.room, p.identity)  # first, so nothing slips by
         self._audit.record("watch_requests", room=p.room, actor=p.identity)
         try:
             pending = await self._store.pending_requests_for(p.room, p.identity, time.time())

@@ -75,6 +75,10 @@ ABSENT = WriteCondition(absent=True)
 
 
 class Store(Protocol):
+    async def open(self) -> None:
+        """Connect and create or migrate the schema; OSError if the backend cannot be reached."""
+        ...
+
     # -- secrets ------------------------------------------------------------------------------
     async def get_secret(self, key: SecretKey) -> SecretRecord | None:
         """Point read: the hot path of GetSecret; keep it cheap."""

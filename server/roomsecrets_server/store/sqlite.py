@@ -294,6 +294,9 @@ class SqliteStore:
         self._records: dict[SecretKey, SecretRecord] = {}
         self._commits = _CommitWatch(self._read, path)
 
+    async def open(self) -> None:
+        pass  # opened (and the schema created) in __init__: a local file needs no waiting
+
     async def close(self) -> None:
         self._commits.close()  # before the connections: see _CommitWatch
         self._writer.close()
