@@ -42,8 +42,10 @@ def provider() -> Iterator[OAuthProvider]:
 
 
 @pytest.fixture
-def server(data_dir: Path) -> Iterator[ServerThread]:
-    running = ServerThread(test_settings(data_dir, oauth_refresh_margin=1.0)).start()
+def server(data_dir: Path, database_url: str) -> Iterator[ServerThread]:
+    running = ServerThread(
+        test_settings(data_dir, oauth_refresh_margin=1.0, database_url=database_url)
+    ).start()
     yield running
     running.stop()
 
@@ -413,7 +415,9 @@ SECOND_SERVER = textwrap.dedent(
     def ready(server):
         print(server.address, flush=True)
 
-    settings = Settings(data_dir=Path(sys.argv[1]), listen="127.0.0.1:0", oauth_refresh_margin=1.0)
+    settings = Settings(
+        data_dir=Path(sys.argv[1]), listen="127.0.0.1:0", oauth_refresh_margin=1.0, database_url=sys.argv[2]
+    )
     asyncio.run(serve(settings, ready))
     """
 )
@@ -424,10 +428,13 @@ def test_concurrent_offline_calls_on_two_server_processes_refresh_once(
 ) -> None:
     app = App(room, provider)
     first = obtain(room, provider, app)
-    # A second server process on the same data dir: its own store connections, locks and OAuth
-    # service; only the store (a lease row, check-and-set on the token row) is shared.
+    # A second server process (a second replica, on PostgreSQL) on the same data dir and
+    # database: its own store connections, locks and OAuth service; only the store (a lease row,
+    # check-and-set on the token row) is shared.
     process = subprocess.Popen(
-        [sys.executable, "-c", SECOND_SERVER, str(data_dir)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", SECOND_SERVER, str(data_dir), room.server.settings.database_url],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert process.stdout is not None

@@ -124,6 +124,11 @@ _UPDATE_SECRET_IF_ETAG = (
     f"kek_id=%s WHERE {_KEY} AND etag=%s"
 )
 
+# How long a call waits for a pooled connection before failing with Unavailable: longer while the
+# database answers (the pool is merely busy), short once it stopped answering, so that calls fail
+# fast during an outage instead of running into their deadlines.
+BUSY_WAIT, DOWN_WAIT = 5.0, 0.5
+
 # Connection failures: the database restarting, unreachable, or the pool out of connections.
 CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout)
 
@@ -230,11 +235,12 @@ class PostgresStore:
             max_size=max_connections,
             open=False,
             kwargs={"autocommit": True},
-            timeout=5.0,  # waiting for a free connection longer than this: Unavailable
+            timeout=BUSY_WAIT,
             reconnect_timeout=float("inf"),  # keep trying while the database is away
             name="roomsecrets",
         )
         self._checking: asyncio.Task[None] | None = None
+        self._wait = BUSY_WAIT
 
     async def open(self) -> None:
         """Connect and migrate; fails (OSError) if the database cannot be reached."""
@@ -254,6 +260,7 @@ class PostgresStore:
     def _connection_lost(self, exc: BaseException) -> Unavailable:
         # Other pooled connections are likely dead too (the database restarted): have the pool
         # test its idle ones now instead of failing one call per stale connection.
+        self._wait = DOWN_WAIT
         if self._checking is None or self._checking.done():
             self._checking = asyncio.get_running_loop().create_task(self._check_pool())
         return Unavailable(f"the database is unavailable: {_describe(exc)}")
@@ -268,16 +275,19 @@ class PostgresStore:
     async def _write(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         """A connection in a transaction; commit on success, roll back on any error."""
         try:
-            async with self._pool.connection() as conn, conn.transaction():
+            async with self._pool.connection(self._wait) as conn, conn.transaction():
                 yield conn
         except CONNECTION_ERRORS as exc:
             raise self._connection_lost(exc) from None
+        self._wait = BUSY_WAIT
 
     async def _read(self, run: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
         for attempt in range(2):
             try:
-                async with self._pool.connection() as conn:
-                    return await run(conn)
+                async with self._pool.connection(self._wait) as conn:
+                    result = await run(conn)
+                self._wait = BUSY_WAIT
+                return result
             except CONNECTION_ERRORS as exc:
                 error = self._connection_lost(exc)
                 if attempt == 1 or isinstance(exc, psycopg_pool.PoolTimeout):
