@@ -1,7 +1,7 @@
 """The real roomsecrets server for benchmarks: `roomsecrets_server.app.serve` with default settings
 (SQLite store, keyring, audit log, dev signing key), on uvloop like `roomsecrets serve`.
 
-    python -m bench.serve_real --data-dir D [--listen 127.0.0.1:0] [--no-uvloop]
+    python -m bench.serve_real --data-dir D [--listen 127.0.0.1:0] [--no-uvloop] [--database-url URL]
 
 Prints `READY <port> <loop>` on stdout once serving; stops gracefully on SIGTERM/SIGINT.
 """
@@ -25,9 +25,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--listen", default="127.0.0.1:0", help="host:port; port 0 picks a free one")
     parser.add_argument("--no-uvloop", action="store_true", help="use the default asyncio event loop")
+    parser.add_argument("--database-url", default="", help="a postgresql:// URL (default: SQLite)")
     args = parser.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
-    settings = Settings(data_dir=args.data_dir, listen=args.listen)
+    settings = Settings(data_dir=args.data_dir, listen=args.listen, database_url=args.database_url)
     loop = loop_name(not args.no_uvloop)
 
     def on_ready(server: RoomSecretsServer) -> None:
