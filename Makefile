@@ -20,7 +20,7 @@ help:
 	@echo "make gen        regenerate every client's stubs from proto/"
 	@echo "make check-gen  fail if the committed generated code is stale"
 	@echo "make lint       ruff, mypy --strict, buf lint"
-	@echo "make bench      GetSecret/SetSecret throughput and latency against a bare grpc.aio echo"
+	@echo "make bench      GetSecret/SetSecret against a bare grpc.aio echo; then SQLite vs PostgreSQL, 1 vs 2 replicas"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON_BOOT) -m venv $(VENV)
@@ -65,6 +65,7 @@ lint: $(VENV)/.installed
 
 bench: $(VENV)/.installed $(TOOLS)/ghz
 	$(PY) -m bench.run
+	$(PY) -m bench.scaleout
 
 clean:
 	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache
