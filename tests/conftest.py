@@ -19,6 +19,15 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "postgres_only: exercises PostgreSQL (replicas, faults)")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if "postgres" in STORES:
+        return
+    skip = pytest.mark.skip(reason="ROOMSECRETS_TEST_STORES leaves out postgres")
+    for item in items:
+        if item.get_closest_marker("postgres_only"):
+            item.add_marker(skip)
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "store_kind" in metafunc.fixturenames:
         kinds = STORES
