@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -188,6 +190,44 @@ def test_call_deadline_bounds_the_wait(room: Participants, watchers: list[Watche
     assert time.monotonic() - started < 30  # bounded by the 1 s deadline, not the 300 s timeout
     closed = bob.closed(bob.requests()[0].request_id)
     assert closed.state in (pb.REQUEST_STATE_EXPIRED, pb.REQUEST_STATE_CANCELLED)
+
+
+def test_an_answer_whose_call_deadline_fires_mid_write_still_completes_the_request(
+    server: ServerThread, room: Participants, watchers: list[Watcher]
+) -> None:
+    """If the answering call is cancelled (its deadline fired) while the store is closing the
+    request, a write that completes regardless (SQLite's writer thread, a PostgreSQL commit in
+    flight), the requester must still be woken and the watcher told the request is closed."""
+    assert server.server is not None
+    store = server.server.store
+    real_close = store.close_request
+
+    async def slow_close(*args: Any, **kwargs: Any) -> bool:
+        async def write() -> bool:
+            await asyncio.sleep(0.5)
+            return await real_close(*args, **kwargs)
+
+        # Like a write already handed to the database: cancelling the caller does not undo it.
+        return await asyncio.shield(asyncio.get_running_loop().create_task(write()))
+
+    store.close_request = slow_close  # type: ignore[method-assign]
+    try:
+        bob = Watcher(room, "bob")
+        watchers.append(bob)
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(ask, room)
+            inbound = bob.wait_for(lambda e: e.HasField("secret_request")).secret_request
+            with pytest.raises(grpc.RpcError) as caught:
+                room.stub.ProvideSecret(
+                    pb.ProvideSecretRequest(request_id=inbound.request_id, data=b"made-it"),
+                    metadata=room.auth("bob"),
+                    timeout=0.1,
+                )
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert bob.closed(inbound.request_id).state == pb.REQUEST_STATE_PROVIDED
+            assert waiting.result(10).data == b"made-it"
+    finally:
+        store.close_request = real_close  # type: ignore[method-assign]
 
 
 def test_requester_cancelling_cancels_the_request(room: Participants, watchers: list[Watcher]) -> None:
