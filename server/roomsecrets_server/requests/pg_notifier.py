@@ -48,7 +48,9 @@ class PgNotifier:
         self._local.on_stopped_listening(self._last_local_stream_ended)
         self._stopped_listening: list[Callable[[str, str], None]] = []
         self._listen_waiters: dict[tuple[str, str], set[asyncio.Event]] = defaultdict(set)
-        self._presence_lock = asyncio.Lock()
+        # One lock per (room, identity), held by its users: presence writes for one identity are
+        # serialised, different identities' run concurrently.
+        self._presence_locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
         self._outbox: asyncio.Queue[str] = asyncio.Queue()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._listening = asyncio.Event()
@@ -107,18 +109,30 @@ class PgNotifier:
     async def _sync_presence(self, room: str, identity: str) -> None:
         """Make the presence row match whether this replica has a stream for (room, identity);
         serialised, so a quick unsubscribe + subscribe cannot end with the row deleted."""
-        async with self._presence_lock:
-            if self._local.listening(room, identity):
-                await self._store.execute(
-                    "INSERT INTO listeners (replica, room, identity) VALUES (%s,%s,%s) "
-                    "ON CONFLICT DO NOTHING",
-                    (self.replica, room, identity),
-                )
+        key = (room, identity)
+        lock, users = self._presence_locks.get(key, (asyncio.Lock(), 0))
+        self._presence_locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                await self._write_presence(room, identity)
+        finally:
+            lock, users = self._presence_locks[key]
+            if users == 1:
+                del self._presence_locks[key]
             else:
-                await self._store.execute(
-                    "DELETE FROM listeners WHERE replica=%s AND room=%s AND identity=%s",
-                    (self.replica, room, identity),
-                )
+                self._presence_locks[key] = (lock, users - 1)
+
+    async def _write_presence(self, room: str, identity: str) -> None:
+        if self._local.listening(room, identity):
+            await self._store.execute(
+                "INSERT INTO listeners (replica, room, identity) VALUES (%s,%s,%s) ON CONFLICT DO NOTHING",
+                (self.replica, room, identity),
+            )
+        else:
+            await self._store.execute(
+                "DELETE FROM listeners WHERE replica=%s AND room=%s AND identity=%s",
+                (self.replica, room, identity),
+            )
 
     def listening(self, room: str, identity: str) -> bool:
         """Listening on this replica (the question across replicas is wait_listening)."""
