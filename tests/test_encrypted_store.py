@@ -15,14 +15,16 @@ from contextlib import closing
 from pathlib import Path
 
 import grpc
+import psycopg
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from roomsecrets.v1 import room_secrets_pb2 as pb
+from roomsecrets_server.app import open_store
+from roomsecrets_server.config import Settings
 from roomsecrets_server.crypto.envelope import Envelope
 from roomsecrets_server.crypto.keyring import KeyringFile
 from roomsecrets_server.secrets.rewrap import rewrap_all
-from roomsecrets_server.store.sqlite import SqliteStore
 
 from .harness import Participants, ServerThread, test_settings
 
@@ -30,12 +32,13 @@ from .harness import Participants, ServerThread, test_settings
 class Servers:
     """Starts servers on a data dir; stops whichever are still running at the end of the test."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, database_url: str) -> None:
         self.data_dir = data_dir
+        self.database_url = database_url
         self._running: list[tuple[ServerThread, Participants]] = []
 
     def start(self, room: str = "room-1") -> Participants:
-        server = ServerThread(test_settings(self.data_dir)).start()
+        server = ServerThread(test_settings(self.data_dir, database_url=self.database_url)).start()
         participants = Participants(server, room=room)
         self._running.append((server, participants))
         return participants
@@ -55,8 +58,8 @@ class Servers:
 
 
 @pytest.fixture
-def servers(data_dir: Path) -> Iterator[Servers]:
-    running = Servers(data_dir)
+def servers(data_dir: Path, database_url: str) -> Iterator[Servers]:
+    running = Servers(data_dir, database_url)
     yield running
     running.stop_all()
 
@@ -69,20 +72,36 @@ def fails(call: Callable[[], object], code: grpc.StatusCode) -> grpc.RpcError:
     return err
 
 
-def db_path(data_dir: Path) -> Path:
-    return data_dir / "roomsecrets.db"
+class Database:
+    """Direct access to the rows behind the server's back (the attacker with database access),
+    on whichever store the test runs: SQL is written with `?` placeholders for both."""
+
+    def __init__(self, data_dir: Path, url: str) -> None:
+        self.data_dir, self.url = data_dir, url
+
+    def query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        if self.url:
+            with psycopg.connect(self.url) as conn:
+                return [
+                    tuple(bytes(v) if isinstance(v, memoryview) else v for v in row)
+                    for row in conn.execute(sql.replace("?", "%s").encode(), args)
+                ]
+        with closing(sqlite3.connect(self.data_dir / "roomsecrets.db", timeout=10)) as conn:
+            return conn.execute(sql, args).fetchall()
+
+    def execute(self, sql: str, args: tuple[object, ...] = ()) -> int:
+        if self.url:
+            with psycopg.connect(self.url, autocommit=True) as conn:
+                return conn.execute(sql.replace("?", "%s").encode(), args).rowcount
+        with closing(sqlite3.connect(self.data_dir / "roomsecrets.db", timeout=10)) as conn:
+            with conn:
+                cur = conn.execute(sql, args)
+            return cur.rowcount
 
 
-def query(data_dir: Path, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
-    with closing(sqlite3.connect(db_path(data_dir), timeout=10)) as conn:
-        return conn.execute(sql, args).fetchall()
-
-
-def execute(data_dir: Path, sql: str, args: tuple[object, ...] = ()) -> int:
-    with closing(sqlite3.connect(db_path(data_dir), timeout=10)) as conn:
-        with conn:
-            cur = conn.execute(sql, args)
-        return cur.rowcount
+@pytest.fixture
+def db(data_dir: Path, database_url: str) -> Database:
+    return Database(data_dir, database_url)
 
 
 def forms(value: bytes) -> list[bytes]:
@@ -125,6 +144,7 @@ def get_data(room: Participants, md: tuple[tuple[str, str], ...], secret_id: str
 
 
 # -- no plaintext at rest -----------------------------------------------------------------------------
+@pytest.mark.sqlite_only  # PostgreSQL: tests/test_postgres_store.py greps pg_dump instead
 def test_data_dir_holds_no_plaintext(servers: Servers, data_dir: Path) -> None:
     room = servers.start()
     alice = room.auth("alice")
@@ -194,21 +214,19 @@ def test_server_refuses_a_keyring_readable_by_others(data_dir: Path, servers: Se
     servers.stop(room)
     (data_dir / "keyring.json").chmod(0o644)
     with pytest.raises(PermissionError):
-        ServerThread(test_settings(data_dir)).start()
+        ServerThread(test_settings(data_dir, database_url=servers.database_url)).start()
 
 
 # -- ciphertext bound to its place --------------------------------------------------------------------
-def copy_row(data_dir: Path, source: tuple[str, str, str, str], target: tuple[str, str, str, str]) -> None:
+def copy_row(db: Database, source: tuple[str, str, str, str], target: tuple[str, str, str, str]) -> None:
     """Copy the sealed value (and what its associated data covers) from one row onto another."""
-    rows = query(
-        data_dir,
+    rows = db.query(
         "SELECT sealed, etag, type, kek_id FROM secrets "
         "WHERE room=? AND owner=? AND delegated_to=? AND secret_id=?",
         source,
     )
     assert len(rows) == 1
-    changed = execute(
-        data_dir,
+    changed = db.execute(
         "UPDATE secrets SET sealed=?, etag=?, type=?, kek_id=? "
         "WHERE room=? AND owner=? AND delegated_to=? AND secret_id=?",
         (*rows[0], *target),
@@ -233,7 +251,9 @@ def assert_data_loss(err: grpc.RpcError, *values: bytes) -> None:
     assert reasons and all(reasons), "DATA_LOSS carries no google.rpc.ErrorInfo reason"
 
 
-def test_ciphertext_copied_to_another_rooms_row_fails_to_open(servers: Servers, data_dir: Path) -> None:
+def test_ciphertext_copied_to_another_rooms_row_fails_to_open(
+    servers: Servers, data_dir: Path, db: Database
+) -> None:
     room1 = servers.start("room-1")
     room2 = Participants(room1.server, room="room-2")
     try:
@@ -245,7 +265,7 @@ def test_ciphertext_copied_to_another_rooms_row_fails_to_open(servers: Servers, 
         room2.close()
     servers.stop(room1)
 
-    copy_row(data_dir, ("room-1", "alice", "", "shared"), ("room-2", "alice", "", "shared"))
+    copy_row(db, ("room-1", "alice", "", "shared"), ("room-2", "alice", "", "shared"))
 
     room1 = servers.start("room-1")
     room2 = Participants(room1.server, room="room-2")
@@ -274,7 +294,7 @@ def test_ciphertext_copied_to_another_rooms_row_fails_to_open(servers: Servers, 
     ],
 )
 def test_ciphertext_copied_to_another_place_in_the_room_fails_to_open(
-    servers: Servers, data_dir: Path, target: tuple[str, str, str, str], reader: str
+    servers: Servers, data_dir: Path, db: Database, target: tuple[str, str, str, str], reader: str
 ) -> None:
     room = servers.start()
     value = f"alice-{secrets.token_hex(8)}".encode()
@@ -288,7 +308,7 @@ def test_ciphertext_copied_to_another_place_in_the_room_fails_to_open(
         data=b"placeholder",
         delegated_to=delegated_to,
     )
-    copy_row(data_dir, ("room-1", "alice", "", "s"), target)  # the running server sees it at once
+    copy_row(db, ("room-1", "alice", "", "s"), target)  # the running server sees it at once
     err = fails(
         lambda: get_data(room, room.auth(reader), secret_id, delegated_to=delegated_to),
         grpc.StatusCode.DATA_LOSS,
@@ -331,17 +351,17 @@ TAMPERING: dict[str, Callable[[bytes], bytes]] = {
 
 
 @pytest.mark.parametrize("how", list(TAMPERING))
-def test_tampered_sealed_blob_is_data_loss(servers: Servers, data_dir: Path, how: str) -> None:
+def test_tampered_sealed_blob_is_data_loss(servers: Servers, data_dir: Path, db: Database, how: str) -> None:
     room = servers.start()
     alice = room.auth("alice")
     value = f"tamper-{secrets.token_hex(16)}".encode()
     set_secret(room, alice, secret_id="victim", data=value)
     set_secret(room, alice, secret_id="bystander", data=b"fine")
-    (sealed,) = query(data_dir, "SELECT sealed FROM secrets WHERE secret_id='victim'")[0]
+    (sealed,) = db.query("SELECT sealed FROM secrets WHERE secret_id='victim'")[0]
     assert isinstance(sealed, bytes)
     tampered = TAMPERING[how](sealed)
     assert tampered != sealed
-    assert execute(data_dir, "UPDATE secrets SET sealed=? WHERE secret_id='victim'", (tampered,)) == 1
+    assert db.execute("UPDATE secrets SET sealed=? WHERE secret_id='victim'", (tampered,)) == 1
 
     err = fails(lambda: get_data(room, alice, "victim"), grpc.StatusCode.DATA_LOSS)
     assert_data_loss(err, value)
@@ -353,19 +373,19 @@ def test_tampered_sealed_blob_is_data_loss(servers: Servers, data_dir: Path, how
 
 @pytest.mark.parametrize(("column", "new_value"), [("etag", "0123456789abcdef"), ("type", "text/html")])
 def test_changed_associated_data_column_is_data_loss(
-    servers: Servers, data_dir: Path, column: str, new_value: str
+    servers: Servers, data_dir: Path, db: Database, column: str, new_value: str
 ) -> None:
     room = servers.start()
     alice = room.auth("alice")
     value = f"aad-{secrets.token_hex(16)}".encode()
     set_secret(room, alice, secret_id="victim", type="text/plain", data=value)
-    assert execute(data_dir, f"UPDATE secrets SET {column}=? WHERE secret_id='victim'", (new_value,)) == 1  # noqa: S608
+    assert db.execute(f"UPDATE secrets SET {column}=? WHERE secret_id='victim'", (new_value,)) == 1  # noqa: S608
     err = fails(lambda: get_data(room, alice, "victim"), grpc.StatusCode.DATA_LOSS)
     assert_data_loss(err, value)
 
 
 def test_a_row_changed_by_another_connection_is_never_served_from_the_read_cache(
-    servers: Servers, data_dir: Path
+    servers: Servers, data_dir: Path, db: Database
 ) -> None:
     """The server keeps recently read sealed rows; a commit by any other connection (here a
     direct write to the database file) must be seen by the very next read."""
@@ -374,9 +394,9 @@ def test_a_row_changed_by_another_connection_is_never_served_from_the_read_cache
     set_secret(room, alice, secret_id="cached", data=b"first")
     for _ in range(3):  # read repeatedly so the row is certainly cached
         assert get_data(room, alice, "cached") == b"first"
-    assert execute(data_dir, "UPDATE secrets SET etag='0123456789abcdef' WHERE secret_id='cached'") == 1
+    assert db.execute("UPDATE secrets SET etag='0123456789abcdef' WHERE secret_id='cached'") == 1
     fails(lambda: get_data(room, alice, "cached"), grpc.StatusCode.DATA_LOSS)
-    assert execute(data_dir, "DELETE FROM secrets WHERE secret_id='cached'") == 1
+    assert db.execute("DELETE FROM secrets WHERE secret_id='cached'") == 1
     fails(lambda: get_data(room, alice, "cached"), grpc.StatusCode.NOT_FOUND)
 
 
@@ -407,20 +427,21 @@ def test_acknowledged_values_survive_a_restart(servers: Servers, data_dir: Path)
 
 
 # -- rotation and rewrap ------------------------------------------------------------------------------
-def rewrap(data_dir: Path) -> int:
+def rewrap(db: Database) -> int:
     async def run() -> int:
-        store = SqliteStore(db_path(data_dir))
+        store, _ = open_store(Settings(data_dir=db.data_dir, database_url=db.url))
+        await store.open()
         try:
-            return await rewrap_all(store, KeyringFile(data_dir / "keyring.json"))
+            return await rewrap_all(store, KeyringFile(db.data_dir / "keyring.json"))
         finally:
             await store.close()
 
     return asyncio.run(run())
 
 
-def kek_ids(data_dir: Path) -> tuple[set[object], set[str]]:
+def kek_ids(db: Database) -> tuple[set[object], set[str]]:
     """(kek_id column values, kek ids found in the sealed blobs' headers)."""
-    rows = query(data_dir, "SELECT kek_id, sealed FROM secrets")
+    rows = db.query("SELECT kek_id, sealed FROM secrets")
     return {r[0] for r in rows}, {Envelope.kek_id_of(bytes(r[1])) for r in rows if isinstance(r[1], bytes)}
 
 
@@ -438,20 +459,20 @@ def write_some(room: Participants, count: int) -> dict[tuple[str, str], bytes]:
     return written
 
 
-def test_rewrap_moves_every_value_to_the_new_key(servers: Servers, data_dir: Path) -> None:
+def test_rewrap_moves_every_value_to_the_new_key(servers: Servers, data_dir: Path, db: Database) -> None:
     room = servers.start()
     written = write_some(room, 12)
     old = active_kek(data_dir)
-    assert kek_ids(data_dir) == ({old}, {old})
+    assert kek_ids(db) == ({old}, {old})
 
     new = KeyringFile(data_dir / "keyring.json").rotate()
     assert new != old
     assert active_kek(data_dir) == new
     assert stat.S_IMODE((data_dir / "keyring.json").stat().st_mode) == 0o600
 
-    assert rewrap(data_dir) == len(written)
-    assert kek_ids(data_dir) == ({new}, {new})
-    assert rewrap(data_dir) == 0  # nothing left under the old key
+    assert rewrap(db) == len(written)
+    assert kek_ids(db) == ({new}, {new})
+    assert rewrap(db) == 0  # nothing left under the old key
 
     time.sleep(1.1)  # the running server reloads the keyring (checked at most once a second)
     for (identity, secret_id), value in written.items():
@@ -459,7 +480,7 @@ def test_rewrap_moves_every_value_to_the_new_key(servers: Servers, data_dir: Pat
 
     # New writes use the new key.
     set_secret(room, room.auth("carol"), secret_id="after-rotation", data=b"new")
-    (row,) = query(data_dir, "SELECT kek_id, sealed FROM secrets WHERE secret_id='after-rotation'")
+    (row,) = db.query("SELECT kek_id, sealed FROM secrets WHERE secret_id='after-rotation'")
     assert row[0] == new
     assert isinstance(row[1], bytes)
     assert Envelope.kek_id_of(row[1]) == new
@@ -472,19 +493,23 @@ def test_rewrap_moves_every_value_to_the_new_key(servers: Servers, data_dir: Pat
         assert get_data(room, room.auth(identity), secret_id) == value
 
 
-def test_rewrapped_values_read_back_at_once_without_downtime(servers: Servers, data_dir: Path) -> None:
+def test_rewrapped_values_read_back_at_once_without_downtime(
+    servers: Servers, data_dir: Path, db: Database
+) -> None:
     """SPEC §3: rewrap moves everything to the newest key without downtime, so the running server
     must open values re-wrapped under a key it has not loaded yet (not fail until it reloads)."""
     room = servers.start()
     written = write_some(room, 6)
     new = KeyringFile(data_dir / "keyring.json").rotate()
-    assert rewrap(data_dir) == len(written)
-    assert kek_ids(data_dir)[0] == {new}
+    assert rewrap(db) == len(written)
+    assert kek_ids(db)[0] == {new}
     for (identity, secret_id), value in written.items():
         assert get_data(room, room.auth(identity), secret_id) == value
 
 
-def test_old_keys_still_open_values_after_rotation_without_rewrap(servers: Servers, data_dir: Path) -> None:
+def test_old_keys_still_open_values_after_rotation_without_rewrap(
+    servers: Servers, data_dir: Path, db: Database
+) -> None:
     room = servers.start()
     written = write_some(room, 4)
     old = active_kek(data_dir)
@@ -493,4 +518,4 @@ def test_old_keys_still_open_values_after_rotation_without_rewrap(servers: Serve
     for (identity, secret_id), value in written.items():
         assert get_data(room, room.auth(identity), secret_id) == value
     set_secret(room, room.auth("carol"), secret_id="fresh", data=b"v")
-    assert kek_ids(data_dir)[0] == {old, new}
+    assert kek_ids(db)[0] == {old, new}
