@@ -42,6 +42,9 @@ FLAVORS = {"docker": "none@example.com", "acr": "none@microsoft.com", "gar": "no
 # no signing key (then manifests with `token:` entries cannot be resolved).
 TokenMinter = Callable[[str, str, str, str, tuple[str, ...]], str]
 
+# Every project role; a token with none of them is refused before its request is looked at.
+PROJECT_ROLES = ("admin", "developer", "service")
+
 
 @dataclass(frozen=True, slots=True)
 class SecretKeyBundle:
@@ -102,6 +105,7 @@ class ProjectService:
 
     async def get_secret_key(self, p: Principal, id_: str) -> tuple[SecretKeyBundle, bool]:
         """The key, and whether the caller may see its values."""
+        p.require_project_role(*PROJECT_ROLES, what="reading a secret key")  # before the request
         id_ = validate.secret_id(id_, "id")
         if p.project_role == "service":
             try:
@@ -256,6 +260,7 @@ class ProjectService:
         return StoredService(manifest, record.etag, record.update_time)
 
     async def get_service(self, p: Principal, name: str) -> StoredService:
+        p.require_project_role(*PROJECT_ROLES, what="reading a manifest")
         if not (p.project_role == "service" and p.service == name):
             p.require_project_role("admin", "developer", what="reading a manifest")
         return await self._service(p, name)
@@ -271,6 +276,7 @@ class ProjectService:
 
     # -- resolution ---------------------------------------------------------------------------
     async def resolve_service(self, p: Principal, name: str, variables: Mapping[str, str]) -> Resolved:
+        p.require_project_role(*PROJECT_ROLES, what="resolving a service")
         name = _check_service_name(name)
         if p.project_role == "service":
             if p.service != name:
