@@ -27,6 +27,7 @@ from .auth.dev_key import ensure_dev_key, mint_service_token
 from .auth.tokens import TokenVerifier, VerificationKey, hs256_key, keys_from_jwks, public_key_from_pem
 from .config import Settings
 from .crypto.keyring import KeyringFile
+from .crypto.startup_check import check_keyring
 from .oauth.connectors import ConnectorService
 from .oauth.provider import AuthorizationServer
 from .oauth.service import OAuthService
@@ -135,6 +136,7 @@ class RoomSecretsServer:
     async def start(self) -> None:
         try:
             await self.store.open()
+            await check_keyring(self.store, self.keyring.envelope(), self.settings.keyring_path)
         except BaseException:
             await self.store.close()
             raise

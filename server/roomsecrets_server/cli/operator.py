@@ -346,6 +346,11 @@ def add_rewrap(subparsers: Any) -> None:
     add_database_url(p)
     p.add_argument("--rotate", action="store_true", help="add a new key-encryption key first")
     p.add_argument(
+        "--retire",
+        action="store_true",
+        help="afterwards, remove from keyring.json every older key no stored value uses any more",
+    )
+    p.add_argument(
         "--settle",
         type=non_negative,
         default=KEYRING_SETTLE_SECONDS,
@@ -377,7 +382,33 @@ def run_rewrap(args: argparse.Namespace) -> int:
     moved = asyncio.run(_rewrap(settings, keyring))
     active = keyring.envelope().active_kek_id
     print(f"re-wrapped {moved} values under key-encryption key {active}")
+    if args.retire:
+        retired = asyncio.run(_retire(settings, keyring, settle=args.settle))
+        print(f"retired {len(retired)} key-encryption keys: {', '.join(retired) or 'none'}")
     return EXIT_OK
+
+
+async def _retire(settings: Settings, keyring: KeyringFile, *, settle: float) -> list[str]:
+    """Drop the keys no value uses. A server that has not yet reloaded the keyring could still
+    seal one value under an old key: look again after the settle time and put back any key that
+    reappeared, so no value is ever left without its key."""
+    store, _ = open_store(settings)
+    try:
+        await store.open()
+    except OSError as error:
+        await store.close()
+        raise CliError(str(error)) from None
+    try:
+        entries = keyring.entries()
+        retired = keyring.retire(set(await store.kek_samples()))
+        await asyncio.sleep(settle)
+        back = set(await store.kek_samples()) & set(retired)
+        if back:
+            keyring.restore([e for e in entries if e["id"] in back])
+            raise CliError(f"values appeared under {', '.join(sorted(back))} meanwhile; kept them, run again")
+        return retired
+    finally:
+        await store.close()
 
 
 def key_count(keyring: KeyringFile) -> int:

@@ -74,6 +74,11 @@ class Envelope:
         except InvalidTag:
             raise IntegrityError("stored value failed its integrity check") from None
 
+    def check_key(self, sealed: bytes) -> None:
+        """Raise IntegrityError unless this keyring unwraps the value's data key (the right key
+        under the right id); the value itself is not decrypted."""
+        self._unwrap(sealed)
+
     def rewrap(self, sealed: bytes) -> bytes:
         """The same value re-wrapped under the active KEK (no change if already under it)."""
         kek_id, dek, body = self._unwrap(sealed)

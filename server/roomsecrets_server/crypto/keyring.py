@@ -1,7 +1,8 @@
 """The key-encryption keyring file: created on first run (mode 0600), rotated by `rewrap --rotate`.
 
 File format (JSON): {"active": "<id>", "keys": [{"id": "<id>", "key": "<base64 32 bytes>",
-"created": <unix seconds>}]}. The newest key is active; older keys stay to open old values.
+"created": <unix seconds>}]}. The newest key is active; older keys stay to open old values until
+`rewrap --retire` removes those no stored value uses any more.
 A running server reloads the file when it changes (checked at most once a second), so a
 rotation done by the CLI is picked up without a restart.
 """
@@ -65,6 +66,28 @@ class KeyringFile:
         write_private(self.path, json.dumps(doc, indent=2))
         self.reload()
         return str(entry["id"])
+
+    def retire(self, in_use: set[str]) -> list[str]:
+        """Remove every key that is neither active nor in `in_use`. Returns the removed ids."""
+        doc = json.loads(self.path.read_text())
+        keep = in_use | {doc["active"]}
+        removed = [str(k["id"]) for k in doc["keys"] if k["id"] not in keep]
+        if removed:
+            doc["keys"] = [k for k in doc["keys"] if k["id"] in keep]
+            write_private(self.path, json.dumps(doc, indent=2))
+            self.reload()
+        return removed
+
+    def restore(self, entries: list[dict[str, object]]) -> None:
+        """Put removed key entries back (a value appeared under one of them after all)."""
+        doc = json.loads(self.path.read_text())
+        known = {k["id"] for k in doc["keys"]}
+        doc["keys"].extend(e for e in entries if e["id"] not in known)
+        write_private(self.path, json.dumps(doc, indent=2))
+        self.reload()
+
+    def entries(self) -> list[dict[str, object]]:
+        return list(json.loads(self.path.read_text())["keys"])
 
     def _load(self) -> Envelope:
         mode = self.path.stat().st_mode & 0o777

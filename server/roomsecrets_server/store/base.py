@@ -160,6 +160,11 @@ class Store(Protocol):
     # -- key rotation -------------------------------------------------------------------------
     async def sealed_not_under(self, kek_id: str, limit: int) -> list[tuple[SecretKey, bytes]]: ...
 
+    async def kek_samples(self) -> dict[str, bytes]:
+        """One sealed value per key-encryption key that stored values use (the startup check that
+        the keyring has, and opens, every key the data needs)."""
+        ...
+
     async def replace_sealed(self, key: SecretKey, old: bytes, new: bytes, kek_id: str) -> bool:
         """Swap the sealed blob if it is still `old` (re-wrapping never races a write)."""
         ...

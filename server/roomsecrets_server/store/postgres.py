@@ -481,6 +481,10 @@ class PostgresStore:
         )
         return [(SecretKey(r[0], r[1], r[2], r[3]), bytes(r[4])) for r in rows]
 
+    async def kek_samples(self) -> dict[str, bytes]:
+        rows = await self._all("SELECT DISTINCT ON (kek_id) kek_id, sealed FROM secrets ORDER BY kek_id", ())
+        return {str(r[0]): bytes(r[1]) for r in rows}
+
     async def replace_sealed(self, key: SecretKey, old: bytes, new: bytes, kek_id: str) -> bool:
         async with self._write() as conn:
             cur = await conn.execute(

@@ -496,6 +496,11 @@ class SqliteStore:
         )
         return [(SecretKey(r[0], r[1], r[2], r[3]), r[4]) for r in rows]
 
+    async def kek_samples(self) -> dict[str, bytes]:
+        # SQLite returns the bare column from one row of each group; secrets_by_kek serves it.
+        rows = self._all("SELECT kek_id, sealed FROM secrets GROUP BY kek_id", ())
+        return {str(r[0]): bytes(r[1]) for r in rows}
+
     async def replace_sealed(self, key: SecretKey, old: bytes, new: bytes, kek_id: str) -> bool:
         def job(conn: sqlite3.Connection) -> bool:
             cur = conn.execute(
