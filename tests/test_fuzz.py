@@ -10,7 +10,7 @@ import os
 
 import grpc
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from roomsecrets.v1 import room_secrets_pb2 as pb
 
@@ -92,6 +92,9 @@ def test_set_secret_answers_deliberately_and_what_it_accepts_reads_back(
 
 
 @given(secret_id=texts, type_=texts, name=texts, delegated_to=texts, delegated_by=texts)
+# Found by the deep profile: a NUL in an etag reached PostgreSQL (which refuses NUL in text) as
+# INTERNAL; etags are now validated like every other text field.
+@example(secret_id="0", type_="", name="\x00", delegated_to="", delegated_by="")
 def test_reads_answer_deliberately(
     room: Participants, secret_id: str, type_: str, name: str, delegated_to: str, delegated_by: str
 ) -> None:

@@ -12,6 +12,7 @@ MAX_TYPE = 255
 MAX_NAME = 2048
 MAX_URL = 2048
 MAX_REASON = 1024
+MAX_ETAG = 128
 DEFAULT_TYPE = "application/octet-stream"
 
 _ID = re.compile(r"[A-Za-z0-9._~:@/+=%-]+")
@@ -30,6 +31,12 @@ def secret_id(value: str, field: str = "secret_id") -> str:
     if not _ID.fullmatch(value):
         raise InvalidArgument(field, "may contain only letters, digits and . _ ~ : @ / + = % -")
     return value
+
+
+def etag(value: str, field: str = "etag") -> str:
+    """An etag for check-and-set, or empty for "any version". One that matches no version is
+    ABORTED later (stale); only one that cannot be an etag at all is refused here."""
+    return text(value, field, MAX_ETAG)
 
 
 def identity(value: str, field: str, *, required: bool = False) -> str:

@@ -409,7 +409,7 @@ class ProjectService:
         return await self._store.list_owned(PROJECT_ROOM, _project(p), type_, MAX_ITEMS)
 
     async def _delete(self, p: Principal, secret_id: str, etag: str, what: str) -> None:
-        condition = WriteCondition(etag=etag) if etag else ANY
+        condition = WriteCondition(etag=etag) if validate.etag(etag) else ANY
         if not await self._store.delete_secret(_key(p, secret_id), condition):
             raise NotFound(f"{what} {secret_id.split(':', 1)[1]!r} not found")
 

@@ -127,6 +127,7 @@ class SecretsService:
                 "type", f"types starting with {RESERVED_TYPE_PREFIX!r} are kept by the server"
             )
         name = validate.text(name, "name", validate.MAX_NAME)
+        etag = validate.etag(etag)
         self.check_data(data, data_crc32c)
 
         for _ in range(_WRITE_ATTEMPTS):
@@ -217,7 +218,7 @@ class SecretsService:
         key = SecretKey(
             p.room, p.identity, validate.identity(delegated_to, "delegated_to"), validate.secret_id(secret_id)
         )
-        condition = WriteCondition(etag=etag) if etag else ANY
+        condition = WriteCondition(etag=etag) if validate.etag(etag) else ANY
         if not await self._store.delete_secret(key, condition):
             raise NotFound(f"secret {secret_id!r} not found")
         self._audit.record(
