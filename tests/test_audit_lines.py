@@ -1,13 +1,20 @@
-"""Audit lines are hand-built JSON (bench-driven); they must parse to exactly what json.dumps
-would have written, whatever characters an identity or id contains."""
+"""The audit log: lines are hand-built JSON (bench-driven) that must parse to exactly what
+json.dumps would have written; every read, write, delete, request and answer is a structured
+line; and it fails closed (a read whose line cannot be written is refused) unless configured to
+buffer."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import grpc
 import pytest
+from roomsecrets.v1 import room_secrets_pb2 as pb
 from roomsecrets_server.audit import AuditLog
+from roomsecrets_server.errors import Unavailable
+
+from .harness import Participants, ServerThread, test_settings
 
 AWKWARD = ["plain", 'quote " and \\ backslash', "tab\tnewline\n", "ünïcødé ☃ 𝄞", "\x00\x1f", "</script>"]
 
@@ -34,3 +41,109 @@ async def test_audit_lines_are_json_objects_with_the_recorded_fields(tmp_path: P
     second.pop("ts")
     assert second == {"action": "delete_secret", "room": "r", "actor": text, "outcome": "not_found"}
     assert all(line.isascii() for line in lines)
+
+
+# -- fail closed ------------------------------------------------------------------------------------
+async def test_fail_closed_record_raises_when_the_line_cannot_be_written() -> None:
+    audit = AuditLog(Path("/dev/full"))  # every write fails with ENOSPC
+    with pytest.raises(Unavailable) as refused:
+        audit.record("get_secret", room="r", actor="alice", secret_id="s")
+    assert refused.value.reason == "AUDIT_UNAVAILABLE"
+    await audit.close()
+
+
+async def test_buffered_record_never_raises_and_says_so_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    audit = AuditLog(Path("/dev/full"), fail_closed=False)
+    audit.record("get_secret", room="r", actor="alice", secret_id="s")
+    audit.flush()
+    assert "audit log write failed" in caplog.text
+    await audit.close()
+
+
+@pytest.mark.parametrize("buffered", [False, True])
+def test_a_read_is_refused_when_its_audit_line_cannot_be_written(
+    data_dir: Path, database_url: str, buffered: bool
+) -> None:
+    server = ServerThread(test_settings(data_dir, database_url=database_url)).start()
+    room = Participants(server)
+    value = b"audited-value-91b2"
+    room.stub.SetSecret(pb.SetSecretRequest(secret_id="s", data=value), metadata=room.auth("alice"))
+    room.close()
+    server.stop()
+    settings = test_settings(
+        data_dir, database_url=database_url, audit_log=Path("/dev/full"), audit_buffered=buffered
+    )
+    server = ServerThread(settings).start()
+    room = Participants(server)
+    try:
+        get = pb.GetSecretRequest(secret_id="s")
+        if buffered:  # fails open, by configuration
+            assert room.stub.GetSecret(get, metadata=room.auth("alice")).data == value
+            return
+        with pytest.raises(grpc.RpcError) as refused:
+            room.stub.GetSecret(get, metadata=room.auth("alice"))
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "audit log" in (refused.value.details() or "")
+        assert value.decode() not in (refused.value.details() or "")
+    finally:
+        room.close()
+        server.stop()
+
+
+# -- every action is recorded -------------------------------------------------------------------------
+def test_every_read_write_delete_request_and_answer_is_a_structured_line(
+    room: Participants, data_dir: Path
+) -> None:
+    alice, bob = room.auth("alice"), room.auth("bob")
+    stub = room.stub
+    stub.SetSecret(pb.SetSecretRequest(secret_id="s", data=b"v1", delegated_to="bob"), metadata=alice)
+    stub.GetSecret(pb.GetSecretRequest(secret_id="s", delegated_to="bob"), metadata=alice)
+    stub.GetSecret(pb.GetSecretRequest(secret_id="s", delegated_by="alice"), metadata=bob)
+    stub.Exists(pb.ExistsRequest(secret_id="s", delegated_to="bob"), metadata=alice)
+    stub.ListSecrets(pb.ListSecretsRequest(), metadata=bob)
+    stub.DeleteSecret(pb.DeleteSecretRequest(secret_id="s", delegated_to="bob"), metadata=alice)
+    watch = stub.WatchRequests(pb.WatchRequestsRequest(), metadata=bob)
+    events = iter(watch)
+    next(events)  # ready
+    asked = stub.RequestSecret.future(
+        pb.RequestSecretRequest(from_participant_id="bob", url="https://x.example", timeout=30),
+        metadata=alice,
+    )
+    inbound = next(events).secret_request
+    stub.ProvideSecret(pb.ProvideSecretRequest(request_id=inbound.request_id, data=b"given"), metadata=bob)
+    assert asked.result(10).data == b"given"
+    second = stub.RequestSecret.future(
+        pb.RequestSecretRequest(from_participant_id="bob", url="https://y.example", timeout=30),
+        metadata=alice,
+    )
+    while not (event := next(events)).HasField("secret_request"):
+        pass
+    stub.RejectSecret(
+        pb.RejectSecretRequest(request_id=event.secret_request.request_id, error="no"), metadata=bob
+    )
+    with pytest.raises(grpc.RpcError):
+        second.result(10)
+    watch.cancel()  # type: ignore[no-untyped-call]
+
+    lines = [json.loads(line) for line in (data_dir / "audit.log").read_text().splitlines()]
+    seen = {(e["action"], e["actor"], e.get("secret_id", "")) for e in lines} | {
+        (e["action"], e["actor"], e.get("request_id", "")) for e in lines
+    }
+    expected = {
+        ("set_secret", "alice", "s"),
+        ("get_secret", "alice", "s"),
+        ("get_secret", "bob", "s"),
+        ("exists", "alice", "s"),
+        ("list_secrets", "bob", ""),
+        ("delete_secret", "alice", "s"),
+        ("watch_requests", "bob", ""),
+        ("provide_secret", "bob", inbound.request_id),
+        ("reject_secret", "bob", event.secret_request.request_id),
+    }
+    assert expected <= seen, expected - seen
+    requested = [e for e in lines if e["action"] == "request_secret" and e["actor"] == "alice"]
+    assert {e["request_id"] for e in requested} >= {inbound.request_id, event.secret_request.request_id}
+    for entry in lines:  # structured: who, where, what, outcome on every line
+        assert {"ts", "action", "room", "actor", "outcome"} <= entry.keys()
+        assert entry["room"] == "room-1"
+    assert b"given" not in (data_dir / "audit.log").read_bytes()

@@ -94,7 +94,7 @@ class RoomSecretsServer:
         self.keyring.envelope()  # fail at start, not on first use, if the keyring is unreadable
         self.verifier = TokenVerifier(verification_keys(settings))
         self.store, notifier = open_store(settings)
-        self.audit = AuditLog(settings.audit_log_path)
+        self.audit = AuditLog(settings.audit_log_path, fail_closed=not settings.audit_buffered)
         self.secrets = SecretsService(
             self.store, self.keyring, self.audit, max_value_bytes=settings.max_value_bytes
         )

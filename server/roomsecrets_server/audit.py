@@ -1,24 +1,38 @@
 """The audit log: one JSON line per action — who did what to which secret or request id.
 
 It never receives values, tokens or keys: its API takes only identities, ids and outcomes.
-Entries are buffered as tuples and encoded and written every half second (and on close), so
-auditing costs the hot path one tuple and a list append, not a write.
+
+Fail closed (the default): each line is appended with one write(2) before the call goes on, and a
+failing write fails the call with UNAVAILABLE, so no value is handed out unaudited (a write that
+already reached the store is then reported as failed; clients retry with an etag). Buffered
+(`--audit-buffered`): lines are kept as tuples and written every half second, which costs the hot
+path a list append instead of a syscall, at the price of losing up to half a second of lines in
+a crash and of calls succeeding while the log cannot be written (logged as an error).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import time
 from json.encoder import encode_basestring_ascii as _escape
 from pathlib import Path
-from typing import IO
+
+from .errors import Unavailable
+
+log = logging.getLogger(__name__)
 
 
 class AuditLog:
     FLUSH_SECONDS = 0.5
 
-    def __init__(self, path: Path | None) -> None:
-        self._file: IO[str] | None = path.open("a", encoding="utf-8") if path else None
+    def __init__(self, path: Path | None, *, fail_closed: bool = True) -> None:
+        self._fd: int | None = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self.fail_closed = fail_closed
         self._buffer: list[tuple[float | str, ...]] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -35,40 +49,57 @@ class AuditLog:
         request_id: str = "",
         target: str = "",
     ) -> None:
-        if self._file is not None:
-            self._buffer.append(
-                (
-                    time.time(),
-                    action,
-                    room,
-                    actor,
-                    outcome,
-                    secret_id,
-                    owner,
-                    delegated_to,
-                    request_id,
-                    target,
-                )
-            )
+        if self._fd is None:
+            return
+        entry = (
+            time.time(),
+            action,
+            room,
+            actor,
+            outcome,
+            secret_id,
+            owner,
+            delegated_to,
+            request_id,
+            target,
+        )
+        if not self.fail_closed:
+            self._buffer.append(entry)
+            return
+        try:
+            self._append(_line(entry).encode())
+        except OSError as exc:
+            log.error("audit log write failed (%s): refusing the call", exc.strerror or type(exc).__name__)
+            raise Unavailable(
+                "the audit log cannot be written; refusing to proceed unaudited", reason="AUDIT_UNAVAILABLE"
+            ) from None
+
+    def _append(self, data: bytes) -> None:
+        assert self._fd is not None
+        while data:
+            written = os.write(self._fd, data)
+            data = data[written:]
 
     def start(self) -> None:
-        if self._file is not None and self._task is None:
+        if self._fd is not None and self._task is None and not self.fail_closed:
             self._task = asyncio.get_running_loop().create_task(self._flush_periodically())
 
     def flush(self) -> None:
-        if self._file is not None and self._buffer:
+        if self._fd is not None and self._buffer:
             entries, self._buffer = self._buffer, []
-            self._file.write("".join(_line(entry) for entry in entries))
-            self._file.flush()
+            try:
+                self._append("".join(_line(entry) for entry in entries).encode())
+            except OSError as exc:
+                log.error("audit log write failed (%s): %d entries lost", exc.strerror, len(entries))
 
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
             self._task = None
         self.flush()
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     async def _flush_periodically(self) -> None:
         while True:

@@ -33,6 +33,9 @@ class Settings:
     tls_client_ca: Path | None = None  # set: mutual TLS, client certificates required
     allow_insecure_remote: bool = False  # plaintext on a non-loopback address
     audit_log: Path | None = field(default=None)
+    # False (the default): the audit log fails closed — a call whose line cannot be written fails.
+    # True: lines are buffered and written every half second (see audit.py for the trade).
+    audit_buffered: bool = False
     # Offline OAuth tokens are refreshed when they expire within this many seconds (at most half
     # their lifetime); token endpoint calls give up after oauth_http_timeout seconds.
     oauth_refresh_margin: float = 60.0

@@ -178,6 +178,13 @@ def add_serve(subparsers: Any) -> None:
         "--audit-log", type=Path, default=env("AUDIT_LOG"), help="audit log file (default DATA_DIR/audit.log)"
     )
     p.add_argument(
+        "--audit-buffered",
+        action="store_true",
+        default=env_flag("AUDIT_BUFFERED"),
+        help="buffer audit lines and write them every half second (faster; fails open: a call "
+        "succeeds even if its line cannot be written). Default: fail closed",
+    )
+    p.add_argument(
         "--log-level",
         default=env("LOG_LEVEL", "INFO"),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -207,6 +214,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         allow_insecure_remote=args.allow_insecure_remote,
         audit_log=args.audit_log,
         database_url=args.database_url,
+        audit_buffered=args.audit_buffered,
     )
 
 

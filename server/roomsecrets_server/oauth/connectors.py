@@ -62,7 +62,9 @@ class ConnectorService:
     async def get(self, p: Principal, name: str) -> Connector:
         p.require_secrets()
         name = validate.secret_id(name, "name")
-        return await self.resolve(p.room, name)
+        connector = await self.resolve(p.room, name)
+        self._audit.record("get_connector", room=p.room, actor=p.identity, target=name)
+        return connector
 
     async def resolve(self, room: str, name: str) -> Connector:
         record = await self._store.get_secret(_key(room, name))
@@ -73,6 +75,7 @@ class ConnectorService:
     async def list(self, p: Principal) -> list[Connector]:
         p.require_secrets()
         records = await self._store.list_owned(p.room, CONNECTOR_OWNER, CONNECTOR_TYPE, MAX_CONNECTORS)
+        self._audit.record("list_connectors", room=p.room, actor=p.identity, target=f"{len(records)} listed")
         return [
             Connector(r.key.secret_id.removeprefix(_ID_PREFIX), self._config(r), r.update_time)
             for r in records

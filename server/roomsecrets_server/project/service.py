@@ -129,7 +129,7 @@ class ProjectService:
 
     async def list_secret_keys(self, p: Principal) -> list[SecretKeyBundle]:
         p.require_project_role("admin", "developer", what="listing secret keys")
-        return [self._bundle(r) for r in await self._list(p, KEY_TYPE)]
+        return [self._bundle(r) for r in await self._list(p, KEY_TYPE, "list_secret_keys")]
 
     async def update_secret_key(
         self, p: Principal, *, id_: str, name: str, set_: Mapping[str, str], remove: list[str], etag: str
@@ -238,7 +238,7 @@ class ProjectService:
 
     async def list_pull_secrets(self, p: Principal) -> list[PullSecret]:
         p.require_project_role("admin", "developer", what="listing pull secrets")
-        return [self._pull(r) for r in await self._list(p, PULL_TYPE)]
+        return [self._pull(r) for r in await self._list(p, PULL_TYPE, "list_pull_secrets")]
 
     async def delete_pull_secret(self, p: Principal, id_: str, etag: str) -> None:
         p.require_project_role("admin", what="deleting a pull secret")
@@ -263,11 +263,13 @@ class ProjectService:
         p.require_project_role(*PROJECT_ROLES, what="reading a manifest")
         if not (p.project_role == "service" and p.service == name):
             p.require_project_role("admin", "developer", what="reading a manifest")
-        return await self._service(p, name)
+        stored = await self._service(p, name)
+        self._audit.record("get_service", room=_where(p), actor=p.identity, target=name)
+        return stored
 
     async def list_services(self, p: Principal) -> list[StoredService]:
         p.require_project_role("admin", "developer", what="listing services")
-        return [self._stored_service(r) for r in await self._list(p, SERVICE_TYPE)]
+        return [self._stored_service(r) for r in await self._list(p, SERVICE_TYPE, "list_services")]
 
     async def delete_service(self, p: Principal, name: str, etag: str) -> None:
         p.require_project_role("admin", "developer", what="deleting a service")
@@ -405,8 +407,10 @@ class ProjectService:
         await self._store.put_secret(record, condition)
         return record
 
-    async def _list(self, p: Principal, type_: str) -> list[SecretRecord]:
-        return await self._store.list_owned(PROJECT_ROOM, _project(p), type_, MAX_ITEMS)
+    async def _list(self, p: Principal, type_: str, action: str) -> list[SecretRecord]:
+        rows = await self._store.list_owned(PROJECT_ROOM, _project(p), type_, MAX_ITEMS)
+        self._audit.record(action, room=_where(p), actor=p.identity, target=f"{len(rows)} listed")
+        return rows
 
     async def _delete(self, p: Principal, secret_id: str, etag: str, what: str) -> None:
         condition = WriteCondition(etag=etag) if validate.etag(etag) else ANY

@@ -211,7 +211,17 @@ class SecretsService:
         key = SecretKey(
             p.room, owner, validate.identity(delegated_to, "delegated_to"), validate.secret_id(secret_id)
         )
-        return await self._store.get_secret(key) is not None
+        found = await self._store.get_secret(key) is not None
+        self._audit.record(
+            "exists",
+            room=p.room,
+            actor=p.identity,
+            outcome="ok" if found else "not_found",
+            secret_id=secret_id,
+            owner=owner,
+            delegated_to=key.delegated_to,
+        )
+        return found
 
     async def delete_secret(self, p: Principal, *, secret_id: str, delegated_to: str, etag: str) -> None:
         p.require_secrets()
@@ -256,6 +266,7 @@ class SecretsService:
             rows = rows[:limit]
             last = rows[-1].key
             next_token = _encode_page_token((last.owner, last.delegated_to, last.secret_id))
+        self._audit.record("list_secrets", room=p.room, actor=p.identity, target=f"{len(rows)} listed")
         return rows, next_token
 
     # -- helpers ------------------------------------------------------------------------------
