@@ -47,6 +47,9 @@ CASES = {
     "get": Case("real-get", "real", "GetSecret"),
     "set": Case("real-set", "real", "SetSecret"),
     "echo-set": Case("echo-set", "echo", "SetSecret"),
+    # The same server with the audit log buffered (--audit-buffered) instead of failing closed:
+    # what the default's one write(2) per call costs, in the same run.
+    "get-buffered": Case("get-buffered", "buffered", "GetSecret"),
 }
 
 
@@ -159,6 +162,10 @@ def run(args: argparse.Namespace) -> int:
             seed(ws, servers["real"], args.payload_bytes)
             servers["echo"] = start_echo(ws, cpu=server_cpu, use_uvloop=use_uvloop)
             check_echo(ws, servers["echo"])
+            if any(case.server == "buffered" for case in cases):
+                servers["buffered"] = start_real(
+                    ws, cpu=server_cpu, use_uvloop=use_uvloop, name="buffered", extra=["--audit-buffered"]
+                )
             meta = run_meta(args, ghz, ws, servers, pinned)
             log(
                 f"real server pid {servers['real'].pid} port {servers['real'].port}, echo pid "
@@ -257,7 +264,7 @@ def summarize(measurements: list[Measurement]) -> dict[str, Any]:
     }
     ratios: dict[str, Any] = {}
     echo = {m.round: m.result.rps for m in by_case.get("echo", [])}
-    for name in ("real-get", "real-set"):
+    for name in ("real-get", "real-set", "get-buffered"):
         per_round = {
             m.round: m.result.rps / echo[m.round] for m in by_case.get(name, []) if echo.get(m.round)
         }

@@ -26,9 +26,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--listen", default="127.0.0.1:0", help="host:port; port 0 picks a free one")
     parser.add_argument("--no-uvloop", action="store_true", help="use the default asyncio event loop")
     parser.add_argument("--database-url", default="", help="a postgresql:// URL (default: SQLite)")
+    parser.add_argument("--audit-buffered", action="store_true", help="buffer the audit log (fails open)")
     args = parser.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
-    settings = Settings(data_dir=args.data_dir, listen=args.listen, database_url=args.database_url)
+    settings = Settings(
+        data_dir=args.data_dir,
+        listen=args.listen,
+        database_url=args.database_url,
+        audit_buffered=args.audit_buffered,
+    )
     loop = loop_name(not args.no_uvloop)
 
     def on_ready(server: RoomSecretsServer) -> None:
