@@ -252,20 +252,27 @@ class _CommitWatch:
     SQLite itself decides whether its page cache is still valid by comparing the WAL-index header
     in the shared-memory file (`<db>-shm`), which every commit rewrites. Reading those 48 bytes
     from a mapping costs a memory read; `PRAGMA data_version` gives the same answer but is a
-    statement, which releases the GIL and so costs a thread switch per call under load. The
-    mapping is safe while this process holds a connection: SQLite truncates the file only when it
-    is the sole user. Falls back to the pragma when the file cannot be mapped.
+    statement, which releases the GIL and so costs a thread switch per call under load.
+
+    The mapping is safe only while SQLite's own liveness lock on the -shm file holds: SQLite
+    truncates and rebuilds the file when it finds nobody else holding it. That lock is a POSIX
+    record lock, and POSIX drops ALL of a process's locks on a file when the process closes ANY
+    descriptor on it. So the descriptor (and the mapping's internal dup of it) stays open until
+    the connections are closed: closing it earlier let another process (the `rewrap` CLI, a
+    second replica) truncate the file under the mapping, and the next read died of SIGBUS.
+    Falls back to the pragma when the file cannot be mapped.
     """
 
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
         self._conn = conn
         self._seen: object = None
         self._shm: mmap.mmap | None = None
+        self._fd = -1
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # the -shm exists from here
         try:
-            with open(f"{path}-shm", "rb") as shm:
-                if os.fstat(shm.fileno()).st_size >= _WAL_INDEX_HEADER:
-                    self._shm = mmap.mmap(shm.fileno(), _WAL_INDEX_HEADER, access=mmap.ACCESS_READ)
+            self._fd = os.open(f"{path}-shm", os.O_RDONLY)
+            if os.fstat(self._fd).st_size >= _WAL_INDEX_HEADER:
+                self._shm = mmap.mmap(self._fd, _WAL_INDEX_HEADER, access=mmap.ACCESS_READ)
         except OSError:
             self._shm = None
 
@@ -281,9 +288,13 @@ class _CommitWatch:
         return True
 
     def close(self) -> None:
+        """Only after every connection of this process on the database is closed (see above)."""
         if self._shm is not None:
             self._shm.close()
             self._shm = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class SqliteStore:
@@ -298,9 +309,9 @@ class SqliteStore:
         pass  # opened (and the schema created) in __init__: a local file needs no waiting
 
     async def close(self) -> None:
-        self._commits.close()  # before the connections: see _CommitWatch
         self._writer.close()
         self._read.close()
+        self._commits.close()  # after the connections: see _CommitWatch
 
     def _one(self, sql: str, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         try:
