@@ -5,12 +5,15 @@ buffer."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 from pathlib import Path
 
 import grpc
 import pytest
 from roomsecrets.v1 import room_secrets_pb2 as pb
+from roomsecrets_server import audit as audit_module
 from roomsecrets_server.audit import AuditLog
 from roomsecrets_server.errors import Unavailable
 
@@ -23,8 +26,8 @@ AWKWARD = ["plain", 'quote " and \\ backslash', "tab\tnewline\n", "ünïcødé �
 async def test_audit_lines_are_json_objects_with_the_recorded_fields(tmp_path: Path, text: str) -> None:
     path = tmp_path / "audit.log"
     audit = AuditLog(path)
-    audit.record("get_secret", room=text, actor="alice", secret_id=text, owner="alice")
-    audit.record("delete_secret", room="r", actor=text, outcome="not_found")
+    await audit.record("get_secret", room=text, actor="alice", secret_id=text, owner="alice")
+    await audit.record("delete_secret", room="r", actor=text, outcome="not_found")
     await audit.close()
     lines = path.read_text(encoding="utf-8").splitlines()
     assert len(lines) == 2
@@ -47,14 +50,68 @@ async def test_audit_lines_are_json_objects_with_the_recorded_fields(tmp_path: P
 async def test_fail_closed_record_raises_when_the_line_cannot_be_written() -> None:
     audit = AuditLog(Path("/dev/full"))  # every write fails with ENOSPC
     with pytest.raises(Unavailable) as refused:
-        audit.record("get_secret", room="r", actor="alice", secret_id="s")
+        await audit.record("get_secret", room="r", actor="alice", secret_id="s")
     assert refused.value.reason == "AUDIT_UNAVAILABLE"
+    await audit.close()
+
+
+async def test_fail_closed_lines_of_one_loop_iteration_share_one_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "audit.log"
+    audit = AuditLog(path)
+    writes: list[int] = []
+    real_write = os.write
+
+    def counting_write(fd: int, data: bytes) -> int:
+        writes.append(data.count(b"\n"))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(audit_module.os, "write", counting_write)
+    await asyncio.gather(
+        *(audit.record("get_secret", room="r", actor=f"a{i}", secret_id="s") for i in range(50))
+    )
+    assert writes == [50]  # one write(2) for the 50 callers, each answered only after it
+    await audit.record("exists", room="r", actor="late")  # the next iteration: its own write
+    assert writes == [50, 1]
+    await audit.close()
+    assert len(path.read_text().splitlines()) == 51
+
+
+async def test_fail_closed_every_caller_of_a_failed_batch_is_refused_and_the_log_says_why(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    audit = AuditLog(Path("/dev/full"))
+    results = await asyncio.gather(
+        *(audit.record("get_secret", room="r", actor=f"a{i}", secret_id="s") for i in range(5)),
+        return_exceptions=True,
+    )
+    assert [type(r) for r in results] == [Unavailable] * 5
+    assert "refusing 5 calls" in caplog.text
+    audit.record_nowait("request_secret", room="r", actor="a", outcome="expired")  # never raises
+    await asyncio.sleep(0)
+    await audit.close()
+
+
+async def test_a_cancelled_caller_still_has_its_line_written_and_others_are_not_disturbed(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "audit.log"
+    audit = AuditLog(path)
+    cancelled = asyncio.ensure_future(audit.record("get_secret", room="r", actor="gone", secret_id="s"))
+    other = asyncio.ensure_future(audit.record("get_secret", room="r", actor="stays", secret_id="s"))
+    await asyncio.sleep(0)  # both lines queued
+    cancelled.cancel()
+    await other
+    assert cancelled.cancelled()
+    actors = [json.loads(line)["actor"] for line in path.read_text().splitlines()]
+    assert actors == ["gone", "stays"]
     await audit.close()
 
 
 async def test_buffered_record_never_raises_and_says_so_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
     audit = AuditLog(Path("/dev/full"), fail_closed=False)
-    audit.record("get_secret", room="r", actor="alice", secret_id="s")
+    await audit.record("get_secret", room="r", actor="alice", secret_id="s")
     audit.flush()
     assert "audit log write failed" in caplog.text
     await audit.close()

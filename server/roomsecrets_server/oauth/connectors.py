@@ -55,7 +55,7 @@ class ConnectorService:
                 await self._store.put_secret(record, condition)
             except EtagMismatch:
                 continue
-            self._audit.record("set_connector", room=p.room, actor=p.identity, target=name)
+            await self._audit.record("set_connector", room=p.room, actor=p.identity, target=name)
             return Connector(name, checked, record.update_time)
         raise EtagMismatch(f"connector {name!r} is being changed concurrently; try again")
 
@@ -63,7 +63,7 @@ class ConnectorService:
         p.require_secrets()
         name = validate.secret_id(name, "name")
         connector = await self.resolve(p.room, name)
-        self._audit.record("get_connector", room=p.room, actor=p.identity, target=name)
+        await self._audit.record("get_connector", room=p.room, actor=p.identity, target=name)
         return connector
 
     async def resolve(self, room: str, name: str) -> Connector:
@@ -75,7 +75,9 @@ class ConnectorService:
     async def list(self, p: Principal) -> list[Connector]:
         p.require_secrets()
         records = await self._store.list_owned(p.room, CONNECTOR_OWNER, CONNECTOR_TYPE, MAX_CONNECTORS)
-        self._audit.record("list_connectors", room=p.room, actor=p.identity, target=f"{len(records)} listed")
+        await self._audit.record(
+            "list_connectors", room=p.room, actor=p.identity, target=f"{len(records)} listed"
+        )
         return [
             Connector(r.key.secret_id.removeprefix(_ID_PREFIX), self._config(r), r.update_time)
             for r in records
@@ -87,7 +89,7 @@ class ConnectorService:
         name = validate.secret_id(name, "name")
         if not await self._store.delete_secret(_key(p.room, name), ANY):
             raise NotFound(f"OAuth connector {name!r} not found in this room")
-        self._audit.record("delete_connector", room=p.room, actor=p.identity, target=name)
+        await self._audit.record("delete_connector", room=p.room, actor=p.identity, target=name)
 
     def _config(self, record: SecretRecord) -> ClientConfig:
         return ClientConfig.from_json(json.loads(self._secrets.open(record)))

@@ -185,7 +185,7 @@ class OAuthService:
         if p.identity in (target, delegate_to):
             stored = await self._fresh(key, config)
             if stored is not None and stored.access_token and not stored.needs_reauthorization:
-                self._audit.record(
+                await self._audit.record(
                     "request_oauth_token",
                     room=p.room,
                     actor=p.identity,
@@ -244,7 +244,7 @@ class OAuthService:
         record = await self._requests.answerable(p, request_id, OAUTH)
         flow = self._flow(record)
         if state and state != flow.state:
-            self._audit.record(
+            await self._audit.record(
                 "provide_oauth",
                 room=p.room,
                 actor=p.identity,
@@ -257,7 +257,7 @@ class OAuthService:
                 flow.config, code=code, redirect_uri=flow.redirect_uri, verifier=flow.verifier
             )
         except ProviderError as exc:
-            self._audit.record(
+            await self._audit.record(
                 "provide_oauth", room=p.room, actor=p.identity, outcome=exc.error, request_id=request_id
             )
             raise
@@ -276,7 +276,7 @@ class OAuthService:
                 raise FailedPrecondition(
                     f"request {request_id} is no longer pending", reason="REQUEST_NOT_PENDING"
                 )
-            self._audit.record(
+            await self._audit.record(
                 "provide_oauth",
                 room=p.room,
                 actor=p.identity,
@@ -315,7 +315,7 @@ class OAuthService:
         owner, delegated_to = self._secrets.read_scope(p, delegated_to, delegated_by)
         key = SecretKey(p.room, owner, delegated_to, config.token_secret_id)
         tokens = await self._fresh(key, config)
-        self._audit.record(
+        await self._audit.record(
             "get_offline_oauth_token",
             room=p.room,
             actor=p.identity,
@@ -378,7 +378,7 @@ class OAuthService:
                 )
             except EtagMismatch:
                 return None
-            self._audit.record(
+            await self._audit.record(
                 "refresh_oauth_token",
                 room=key.room,
                 actor=self._holder,
@@ -408,7 +408,7 @@ class OAuthService:
         else:
             raise InvalidArgument("oauth", "give the OAuth client inline (oauth) or a connector name")
         if not grant.can_request_oauth_token(config.authorization_endpoint, config.client_id):
-            self._audit.record(
+            await self._audit.record(
                 method, room=p.room, actor=p.identity, outcome="denied", target=config.client_id
             )
             raise PermissionDenied(

@@ -100,7 +100,7 @@ class ProjectService:
         name = validate.text(name, "name", validate.MAX_NAME) or id_
         bundle = dict(_check_pairs(data, "data"))
         record = await self._write(p, "key:" + id_, KEY_TYPE, name, {"name": name, "data": bundle}, ABSENT)
-        self._audit.record("create_secret_key", room=_where(p), actor=p.identity, secret_id=id_)
+        await self._audit.record("create_secret_key", room=_where(p), actor=p.identity, secret_id=id_)
         return SecretKeyBundle(id_, name, bundle, record.etag, record.update_time)
 
     async def get_secret_key(self, p: Principal, id_: str) -> tuple[SecretKeyBundle, bool]:
@@ -118,7 +118,7 @@ class ProjectService:
             p.require_project_role("admin", "developer", what="reading a secret key")
             may_read = p.project_role == "admin"
         bundle = await self._key(p, id_)
-        self._audit.record(
+        await self._audit.record(
             "get_secret_key",
             room=_where(p),
             actor=p.identity,
@@ -164,14 +164,14 @@ class ProjectService:
                 if etag:
                     raise
                 continue
-            self._audit.record("update_secret_key", room=_where(p), actor=p.identity, secret_id=id_)
+            await self._audit.record("update_secret_key", room=_where(p), actor=p.identity, secret_id=id_)
             return SecretKeyBundle(id_, new_name, data, record.etag, record.update_time)
         raise EtagMismatch(f"secret key {id_!r} is being changed concurrently; try again")
 
     async def delete_secret_key(self, p: Principal, id_: str, etag: str) -> None:
         p.require_project_role("admin", what="deleting a secret key")
         await self._delete(p, "key:" + validate.secret_id(id_, "id"), etag, "secret key")
-        self._audit.record("delete_secret_key", room=_where(p), actor=p.identity, secret_id=id_)
+        await self._audit.record("delete_secret_key", room=_where(p), actor=p.identity, secret_id=id_)
 
     # -- image pull secrets -------------------------------------------------------------------
     async def create_pull_secret(
@@ -202,7 +202,7 @@ class ProjectService:
             "email": validate.text(email, "email", validate.MAX_NAME) or FLAVORS[flavor],
         }
         record = await self._write(p, "pull:" + id_, PULL_TYPE, str(doc["name"]), doc, ABSENT)
-        self._audit.record("create_pull_secret", room=_where(p), actor=p.identity, secret_id=id_)
+        await self._audit.record("create_pull_secret", room=_where(p), actor=p.identity, secret_id=id_)
         return self._pull(record)
 
     async def update_pull_secret(
@@ -233,7 +233,7 @@ class ProjectService:
         record = await self._write(
             p, "pull:" + id_, PULL_TYPE, str(doc["name"]), doc, WriteCondition(etag=current.etag)
         )
-        self._audit.record("update_pull_secret", room=_where(p), actor=p.identity, secret_id=id_)
+        await self._audit.record("update_pull_secret", room=_where(p), actor=p.identity, secret_id=id_)
         return self._pull(record)
 
     async def list_pull_secrets(self, p: Principal) -> list[PullSecret]:
@@ -243,7 +243,7 @@ class ProjectService:
     async def delete_pull_secret(self, p: Principal, id_: str, etag: str) -> None:
         p.require_project_role("admin", what="deleting a pull secret")
         await self._delete(p, "pull:" + validate.secret_id(id_, "id"), etag, "pull secret")
-        self._audit.record("delete_pull_secret", room=_where(p), actor=p.identity, secret_id=id_)
+        await self._audit.record("delete_pull_secret", room=_where(p), actor=p.identity, secret_id=id_)
 
     # -- manifests ----------------------------------------------------------------------------
     async def apply_service(self, p: Principal, text: str, etag: str) -> StoredService:
@@ -256,7 +256,7 @@ class ProjectService:
         condition = WriteCondition(etag=existing.etag) if existing else ABSENT
         record = self._secrets.seal(key, SERVICE_TYPE, manifest.name, text.encode())
         await self._store.put_secret(record, condition)
-        self._audit.record("apply_service", room=_where(p), actor=p.identity, target=manifest.name)
+        await self._audit.record("apply_service", room=_where(p), actor=p.identity, target=manifest.name)
         return StoredService(manifest, record.etag, record.update_time)
 
     async def get_service(self, p: Principal, name: str) -> StoredService:
@@ -264,7 +264,7 @@ class ProjectService:
         if not (p.project_role == "service" and p.service == name):
             p.require_project_role("admin", "developer", what="reading a manifest")
         stored = await self._service(p, name)
-        self._audit.record("get_service", room=_where(p), actor=p.identity, target=name)
+        await self._audit.record("get_service", room=_where(p), actor=p.identity, target=name)
         return stored
 
     async def list_services(self, p: Principal) -> list[StoredService]:
@@ -274,7 +274,7 @@ class ProjectService:
     async def delete_service(self, p: Principal, name: str, etag: str) -> None:
         p.require_project_role("admin", "developer", what="deleting a service")
         await self._delete(p, "service:" + _check_service_name(name), etag, "service")
-        self._audit.record("delete_service", room=_where(p), actor=p.identity, target=name)
+        await self._audit.record("delete_service", room=_where(p), actor=p.identity, target=name)
 
     # -- resolution ---------------------------------------------------------------------------
     async def resolve_service(self, p: Principal, name: str, variables: Mapping[str, str]) -> Resolved:
@@ -282,7 +282,7 @@ class ProjectService:
         name = _check_service_name(name)
         if p.project_role == "service":
             if p.service != name:
-                self._audit.record(
+                await self._audit.record(
                     "resolve_service", room=_where(p), actor=p.identity, outcome="denied", target=name
                 )
                 raise PermissionDenied(f"a token of service {p.service!r} may not resolve service {name!r}")
@@ -333,7 +333,7 @@ class ProjectService:
                     reason="MISSING_SECRET",
                 ) from None
             docker = docker_config_json(pull)
-        self._audit.record("resolve_service", room=_where(p), actor=p.identity, target=name)
+        await self._audit.record("resolve_service", room=_where(p), actor=p.identity, target=name)
         return Resolved(env, docker, manifest.image)
 
     async def _env_value(
@@ -378,7 +378,7 @@ class ProjectService:
             existing = await self._store.get_secret(key)
             record = self._secrets.seal(key, "text/plain", "", value.encode())
             await self._store.put_secret(record, WriteCondition(etag=existing.etag) if existing else ABSENT)
-            self._audit.record(
+            await self._audit.record(
                 "store_template_secret",
                 room=p.room,
                 actor=p.identity,
@@ -409,7 +409,7 @@ class ProjectService:
 
     async def _list(self, p: Principal, type_: str, action: str) -> list[SecretRecord]:
         rows = await self._store.list_owned(PROJECT_ROOM, _project(p), type_, MAX_ITEMS)
-        self._audit.record(action, room=_where(p), actor=p.identity, target=f"{len(rows)} listed")
+        await self._audit.record(action, room=_where(p), actor=p.identity, target=f"{len(rows)} listed")
         return rows
 
     async def _delete(self, p: Principal, secret_id: str, etag: str, what: str) -> None:

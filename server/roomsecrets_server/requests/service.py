@@ -126,7 +126,7 @@ class RequestService:
             found = await self._store.find_secrets(p.room, target, delegate_to, type_, url)
             if found:
                 value = SecretValue(found[0], self._secrets.open(found[0]))
-                self._audit.record(
+                await self._audit.record(
                     "request_secret",
                     room=p.room,
                     actor=p.identity,
@@ -145,7 +145,7 @@ class RequestService:
         if record is None:
             record = await self.open_request(p, SECRET, target, url, type_, delegate_to, deadline)
         else:  # the same question is already pending (e.g. asked again after a restart): join it
-            self._audit.record(
+            await self._audit.record(
                 "request_secret",
                 room=p.room,
                 actor=p.identity,
@@ -174,7 +174,9 @@ class RequestService:
         if not await self._notifier.wait_listening(
             p.room, target, min(self.listener_grace, deadline - time.time())
         ):
-            self._audit.record(action, room=p.room, actor=p.identity, outcome="not_listening", target=target)
+            await self._audit.record(
+                action, room=p.room, actor=p.identity, outcome="not_listening", target=target
+            )
             raise FailedPrecondition(
                 f"participant {target!r} is not listening for requests (no open WatchRequests stream)",
                 reason="NOT_LISTENING",
@@ -198,20 +200,21 @@ class RequestService:
         created = self._spawn(self._create_and_publish(record))
         try:
             await asyncio.shield(created)
-        except asyncio.CancelledError:
-            # The requester went away while the request was being stored: once it is stored,
-            # cancel it, so the asked participant is not left holding a question nobody awaits.
+            await self._audit.record(
+                action,
+                room=p.room,
+                actor=p.identity,
+                outcome="pending",
+                request_id=record.request_id,
+                target=target,
+            )
+        except BaseException:
+            # The requester went away while the request was being stored, or its audit line
+            # could not be written: once it is stored, cancel it, so the asked participant is not
+            # left holding a question nobody awaits.
             if not self._stopping:
                 self._spawn(self._cancel_once_created(created, record))
             raise
-        self._audit.record(
-            action,
-            room=p.room,
-            actor=p.identity,
-            outcome="pending",
-            request_id=record.request_id,
-            target=target,
-        )
         return record
 
     async def _create_and_publish(self, record: RequestRecord) -> None:
@@ -219,7 +222,10 @@ class RequestService:
         self._notifier.publish(record.room, record.target, RequestOpened(record))
 
     async def _cancel_once_created(self, created: asyncio.Task[None], record: RequestRecord) -> None:
-        await created
+        try:
+            await created
+        except Exception:
+            return  # never stored (the requester was told why): nothing to cancel
         await self.close(record, RequestState.CANCELLED, "requester cancelled")
 
     async def await_answer(self, record: RequestRecord, my_deadline: float) -> RequestRecord:
@@ -305,7 +311,7 @@ class RequestService:
                 continue  # the stored secret changed under us; look again
             if not won:
                 raise self._not_pending(await self._store.get_request(request_id))
-            self._audit.record(
+            await self._audit.record(
                 "provide_secret",
                 room=p.room,
                 actor=p.identity,
@@ -324,7 +330,7 @@ class RequestService:
         record = await self.answerable(p, request_id, kind)
         if not await self.close(record, RequestState.REJECTED, reason):
             raise self._not_pending(await self._store.get_request(request_id))
-        self._audit.record(f"reject_{kind}", room=p.room, actor=p.identity, request_id=request_id)
+        await self._audit.record(f"reject_{kind}", room=p.room, actor=p.identity, request_id=request_id)
 
     async def answerable(self, p: Principal, request_id: str, kind: str) -> RequestRecord:
         """The pending request `request_id`, if the caller is the participant it asks."""
@@ -332,7 +338,7 @@ class RequestService:
         if record is None or record.room != p.room:
             raise NotFound(f"request {request_id} not found")
         if record.target != p.identity:
-            self._audit.record(
+            await self._audit.record(
                 f"answer_{kind}", room=p.room, actor=p.identity, outcome="denied", request_id=request_id
             )
             raise PermissionDenied(
@@ -359,8 +365,8 @@ class RequestService:
     async def watch(self, p: Principal) -> AsyncIterator[Event | WatchReady]:
         p.require_secrets()
         subscription = await self._notifier.subscribe(p.room, p.identity)  # first, so nothing slips by
-        self._audit.record("watch_requests", room=p.room, actor=p.identity)
         try:
+            await self._audit.record("watch_requests", room=p.room, actor=p.identity)
             pending = await self._store.pending_requests_for(p.room, p.identity, time.time())
             seen = {r.request_id for r in pending}
             for record in pending:
@@ -413,7 +419,7 @@ class RequestService:
         self._notifier.request_changed(record.request_id)
         self._notifier.publish(record.room, record.target, RequestClosed(record.request_id, state, reason))
         if state in (RequestState.EXPIRED, RequestState.CANCELLED):
-            self._audit.record(
+            self._audit.record_nowait(  # nobody waits on an expiry or a cancellation
                 f"request_{record.kind}",
                 room=record.room,
                 actor=record.requested_by,

@@ -138,7 +138,7 @@ class SecretsService:
                 existing = await self._find_one(p.room, owner, delegated_to, type_, name)
                 key = existing.key if existing else SecretKey(p.room, owner, delegated_to, uuid.uuid4().hex)
             if etag and (existing is None or existing.etag != etag):
-                self._audit.record(
+                await self._audit.record(
                     "set_secret",
                     room=p.room,
                     actor=p.identity,
@@ -162,7 +162,7 @@ class SecretsService:
                 if etag:
                     raise
                 continue  # a concurrent write won; re-read and apply ours on top (last writer wins)
-            self._audit.record(
+            await self._audit.record(
                 "set_secret",
                 room=p.room,
                 actor=p.identity,
@@ -195,7 +195,7 @@ class SecretsService:
                 "read OAuth tokens with GetOfflineOAuthToken"
             )
         data = self.open(record)
-        self._audit.record(
+        await self._audit.record(
             "get_secret",
             room=p.room,
             actor=p.identity,
@@ -212,7 +212,7 @@ class SecretsService:
             p.room, owner, validate.identity(delegated_to, "delegated_to"), validate.secret_id(secret_id)
         )
         found = await self._store.get_secret(key) is not None
-        self._audit.record(
+        await self._audit.record(
             "exists",
             room=p.room,
             actor=p.identity,
@@ -231,7 +231,7 @@ class SecretsService:
         condition = WriteCondition(etag=etag) if validate.etag(etag) else ANY
         if not await self._store.delete_secret(key, condition):
             raise NotFound(f"secret {secret_id!r} not found")
-        self._audit.record(
+        await self._audit.record(
             "delete_secret",
             room=p.room,
             actor=p.identity,
@@ -248,7 +248,7 @@ class SecretsService:
         count = await self._store.delete_secrets_by_name(p.room, p.identity, delegated_to, type_, url)
         if count == 0:
             raise NotFound(f"no requested secret for url {url!r} and type {type_!r}")
-        self._audit.record(
+        await self._audit.record(
             "delete_requested_secret", room=p.room, actor=p.identity, delegated_to=delegated_to, target=url
         )
 
@@ -266,7 +266,7 @@ class SecretsService:
             rows = rows[:limit]
             last = rows[-1].key
             next_token = _encode_page_token((last.owner, last.delegated_to, last.secret_id))
-        self._audit.record("list_secrets", room=p.room, actor=p.identity, target=f"{len(rows)} listed")
+        await self._audit.record("list_secrets", room=p.room, actor=p.identity, target=f"{len(rows)} listed")
         return rows, next_token
 
     # -- helpers ------------------------------------------------------------------------------
