@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import ctypes
 import gc
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from roomsecrets.v1 import room_secrets_pb2 as pb
+from roomsecrets_server import audit as audit_module
 from roomsecrets_server import validate
 from roomsecrets_server.app import RoomSecretsServer, serve
 from roomsecrets_server.audit import AuditLog
@@ -56,7 +59,10 @@ CACHE_LIMIT = 10_000
 
 # -- removals -------------------------------------------------------------------------------------
 def no_audit() -> None:
-    AuditLog.record = lambda self, *a, **k: None  # type: ignore[method-assign]
+    async def record(self: AuditLog, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    AuditLog.record = record  # type: ignore[method-assign]
 
 
 def no_sqlite() -> None:
@@ -173,7 +179,7 @@ def opt_value_cache() -> None:
             if record is None:
                 raise NotFound(f"secret {secret_id!r} not found")
             value = values[key] = SecretValue(record, self.open(record))
-        self._audit.record(
+        await self._audit.record(
             "get_secret",
             room=p.room,
             actor=p.identity,
@@ -186,7 +192,62 @@ def opt_value_cache() -> None:
     SecretsService.get_secret = get_secret  # type: ignore[method-assign]
 
 
+def _gil_holding_append() -> Callable[[int, bytes], None]:
+    """write(2) through ctypes.PyDLL, which keeps the GIL during the call (os.write releases it)."""
+    libc = ctypes.PyDLL(None, use_errno=True)
+    write = libc.write
+    write.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
+    write.restype = ctypes.c_ssize_t
+
+    def append(fd: int, data: bytes) -> None:
+        while data:
+            n = write(fd, data, len(data))
+            if n < 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+            data = data[n:]
+
+    return append
+
+
+def opt_audit_gil_batched() -> None:
+    """The batched fail-closed audit, its write made without releasing the GIL."""
+    append = _gil_holding_append()
+
+    def _append(self: AuditLog, data: bytes) -> None:
+        assert self._fd is not None
+        append(self._fd, data)
+
+    AuditLog._append = _append  # type: ignore[method-assign]
+
+
+def opt_audit_gil_direct() -> None:
+    """Fail closed without batching: each line written at once, GIL held, no suspension."""
+    append = _gil_holding_append()
+
+    async def record(self: AuditLog, action: str, *, room: str, actor: str, **fields: str) -> None:
+        if self._fd is None:
+            return
+        entry = (
+            time.time(),
+            action,
+            room,
+            actor,
+            fields.get("outcome", "ok"),
+            fields.get("secret_id", ""),
+            fields.get("owner", ""),
+            fields.get("delegated_to", ""),
+            fields.get("request_id", ""),
+            fields.get("target", ""),
+        )
+        append(self._fd, audit_module._line(entry).encode())
+
+    AuditLog.record = record  # type: ignore[method-assign]
+
+
 ABLATIONS: dict[str, Callable[[], None]] = {
+    "opt-audit-gil-batched": opt_audit_gil_batched,
+    "opt-audit-gil-direct": opt_audit_gil_direct,
     "audit": no_audit,
     "sqlite": no_sqlite,
     "crypto": no_crypto,

@@ -13,7 +13,6 @@ from pathlib import Path
 import grpc
 import pytest
 from roomsecrets.v1 import room_secrets_pb2 as pb
-from roomsecrets_server import audit as audit_module
 from roomsecrets_server.audit import AuditLog
 from roomsecrets_server.errors import Unavailable
 
@@ -67,7 +66,7 @@ async def test_fail_closed_lines_of_one_loop_iteration_share_one_write(
         writes.append(data.count(b"\n"))
         return real_write(fd, data)
 
-    monkeypatch.setattr(audit_module.os, "write", counting_write)
+    monkeypatch.setattr(os, "write", counting_write)  # the os module audit.py calls
     await asyncio.gather(
         *(audit.record("get_secret", room="r", actor=f"a{i}", secret_id="s") for i in range(50))
     )
