@@ -90,6 +90,8 @@ class Participants:
 
     def token(self, identity: str, **kwargs: Any) -> str:
         kwargs.setdefault("room", self.room)
+        kwargs.setdefault("issuer", self.server.settings.token_issuer)
+        kwargs.setdefault("audience", self.server.settings.token_audience)
         return mint_token(self.server.settings.data_dir, identity=identity, **kwargs)
 
     def auth(self, identity: str, **kwargs: Any) -> tuple[tuple[str, str], ...]:

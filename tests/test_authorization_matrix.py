@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -26,7 +27,7 @@ from roomsecrets.v1 import (
 from roomsecrets.v1 import room_secrets_pb2 as pb
 from roomsecrets_server.auth.dev_key import ensure_dev_key
 
-from .harness import Participants
+from .harness import Participants, ServerThread, test_settings
 
 VALUE = b"matrix-value-3e8a1c"
 Metadata = tuple[tuple[str, str], ...]
@@ -89,6 +90,8 @@ def test_every_rpc_refuses_every_bad_credential(room: Participants) -> None:
         "not yet valid": (("authorization", f"Bearer {forged(room, nbf=now + 3600)}"),),
         "bad signature": (("authorization", f"Bearer {forged(room, key=b'k' * 32)}"),),
         "no identity": (("authorization", f"Bearer {forged(room, name='')}"),),
+        # Meant for another service: refused even though this server pins no audience.
+        "other audience": (("authorization", f"Bearer {forged(room, aud='https://other.example')}"),),
     }
     table: dict[str, list[str]] = {}
     for rpc, call in every_rpc(room.channel):
@@ -220,3 +223,55 @@ def test_room_secret_access_by_caller(room: Participants, caller: str) -> None:
             assert got.data == VALUE, f"{caller}'s {operation} changed alice's secret"
     print(f"\n{caller:18} {' '.join(f'{r:7}' for r in row)}")
     assert row == EXPECTED[caller].split(), (caller, row)
+
+
+ISSUER, AUDIENCE = "https://issuer.roomsecrets.test", "roomsecrets-matrix"
+
+
+@pytest.fixture
+def pinned(data_dir: Path, database_url: str) -> Iterator[Participants]:
+    """A server that trusts one issuer and is one audience (--token-issuer, --token-audience)."""
+    server = ServerThread(
+        test_settings(data_dir, database_url=database_url, token_issuer=ISSUER, token_audience=AUDIENCE)
+    ).start()
+    room = Participants(server)
+    yield room
+    room.close()
+    server.stop()
+
+
+def test_every_rpc_refuses_a_wrong_or_missing_issuer_or_audience(pinned: Participants) -> None:
+    room = pinned
+    room.stub.SetSecret(pb.SetSecretRequest(secret_id="s", data=VALUE), metadata=room.auth("alice"))
+    credentials: dict[str, Metadata] = {
+        "no iss": (("authorization", f"Bearer {room.token('alice', issuer='')}"),),
+        "other iss": (("authorization", f"Bearer {room.token('alice', issuer='https://evil.example')}"),),
+        "no aud": (("authorization", f"Bearer {room.token('alice', audience='')}"),),
+        "other aud": (("authorization", f"Bearer {room.token('alice', audience='another-service')}"),),
+    }
+    table: dict[str, list[str]] = {}
+    for rpc, call in every_rpc(room.channel):
+        table[rpc] = []
+        for kind, md in credentials.items():
+            status, seen = outcome(functools.partial(call, md))
+            table[rpc].append(status)
+            assert status == "UNAUTHENTICATED", (rpc, kind, status)
+            assert VALUE.decode() not in seen
+    print(
+        f"\n{'RPC':45} {' | '.join(credentials)}\n"
+        + "\n".join(f"{r:45} {' '.join(s)}" for r, s in table.items())
+    )
+    # The same token with the right iss and aud reads the value: the refusals above are about them.
+    got = room.stub.GetSecret(pb.GetSecretRequest(secret_id="s"), metadata=room.auth("alice"))
+    assert got.data == VALUE
+
+
+@pytest.mark.parametrize(
+    ("claims", "message"),
+    [({"issuer": "https://evil.example"}, "issuer (iss)"), ({"audience": "another"}, "audience (aud)")],
+)
+def test_the_refusal_names_the_claim(pinned: Participants, claims: dict[str, str], message: str) -> None:
+    with pytest.raises(grpc.RpcError) as refused:
+        pinned.stub.ListSecrets(pb.ListSecretsRequest(), metadata=pinned.auth("alice", **claims))
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert message in (refused.value.details() or "")

@@ -437,6 +437,41 @@ def test_serve_prints_the_ready_line_and_stops_cleanly_on_sigterm(tmp_path: Path
             proc.wait(10)
 
 
+def test_serve_pins_issuer_and_audience_and_token_mints_them(tmp_path: Path) -> None:
+    data_dir = tmp_path / "pinned"
+    proc = subprocess.Popen(
+        [*COMMAND, "serve", "--listen", "127.0.0.1:0", "--token-audience", "rs-prod"],
+        env=clean_env(ROOMSECRETS_DATA_DIR=str(data_dir), ROOMSECRETS_TOKEN_ISSUER="https://id.example"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stderr is not None
+        log = Lines(proc.stderr)
+        ready = b""
+        while b"serving on" not in ready:
+            ready = log.next(timeout=15)
+        match = re.search(rb"serving on (127\.0\.0\.1:\d+) ", ready)
+        assert match, ready
+        address = match.group(1).decode()
+        base = ("token", "--data-dir", str(data_dir), "--identity", "alice", "--room", "r")
+        pinned = run(*base, "--issuer", "https://id.example", "--audience", "rs-prod")
+        claims = jwt.decode(pinned.stdout.decode().strip(), options={"verify_signature": False})
+        assert (claims["iss"], claims["aud"]) == ("https://id.example", "rs-prod")
+        with SecretsClient(address, pinned.stdout.decode().strip()) as client:
+            assert client.list_secrets() == []
+        plain = run(*base).stdout.decode().strip()
+        refused = run("list", "--address", address, "--token", plain)
+        assert stderr_line(refused).startswith("roomsecrets: UNAUTHENTICATED: "), refused.stderr
+        assert b"issuer (iss)" in refused.stderr or b"'iss'" in refused.stderr
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
 def test_serve_on_a_taken_port_fails_with_one_line(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

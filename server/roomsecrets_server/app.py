@@ -92,7 +92,9 @@ class RoomSecretsServer:
         self.keyring = KeyringFile(settings.keyring_path)
         self.keyring.ensure()
         self.keyring.envelope()  # fail at start, not on first use, if the keyring is unreadable
-        self.verifier = TokenVerifier(verification_keys(settings))
+        self.verifier = TokenVerifier(
+            verification_keys(settings), issuer=settings.token_issuer, audience=settings.token_audience
+        )
         self.store, notifier = open_store(settings)
         self.audit = AuditLog(settings.audit_log_path, fail_closed=not settings.audit_buffered)
         self.secrets = SecretsService(
@@ -120,7 +122,12 @@ class RoomSecretsServer:
             self.store,
             self.secrets,
             self.audit,
-            mint_token=functools.partial(mint_service_token, settings.data_dir)
+            mint_token=functools.partial(
+                mint_service_token,
+                settings.data_dir,
+                issuer=settings.token_issuer,
+                audience=settings.token_audience,
+            )
             if settings.dev_signing_key
             else None,
         )

@@ -26,6 +26,10 @@ class Settings:
     # Extra token verification keys: PEM public key files (kid = file stem) and JWKS files.
     jwt_public_keys: tuple[Path, ...] = ()
     jwks_files: tuple[Path, ...] = ()
+    # Set: tokens must carry this issuer (`iss`) / name this audience in `aud`; the dev key mints
+    # them so. Empty: not checked, and a token that names any audience is refused.
+    token_issuer: str = ""
+    token_audience: str = ""
     # Accept tokens signed with the dev key in the data dir (the embedded default).
     dev_signing_key: bool = True
     tls_cert: Path | None = None

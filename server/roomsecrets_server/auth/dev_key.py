@@ -45,6 +45,8 @@ def mint_token(
     request_oauth_token: list[dict[str, str]] | None = None,
     project_role: str = "",
     service: str = "",
+    issuer: str = "",
+    audience: str = "",
 ) -> str:
     kid, key = ensure_dev_key(data_dir)
     api: dict[str, Any] = {}
@@ -66,6 +68,10 @@ def mint_token(
             {"name": "api", "scope": api},
         ],
     }
+    if issuer:
+        claims["iss"] = issuer
+    if audience:
+        claims["aud"] = audience
     if project_role:
         project_scope = {"role": project_role, **({"service": service} if service else {})}
         claims["grants"].append({"name": "project", "scope": project_scope})  # type: ignore[attr-defined]
@@ -76,7 +82,15 @@ SERVICE_TOKEN_TTL = 24 * 3600
 
 
 def mint_service_token(
-    data_dir: Path, identity: str, room: str, project: str, role: str, api: tuple[str, ...]
+    data_dir: Path,
+    identity: str,
+    room: str,
+    project: str,
+    role: str,
+    api: tuple[str, ...],
+    *,
+    issuer: str = "",
+    audience: str = "",
 ) -> str:
     """A participant token for a service's environment (manifest `token:` entries), signed with
     the development key. `api` lists the API grants ("secrets", "admin")."""
@@ -89,4 +103,6 @@ def mint_service_token(
         secrets_grant="secrets" in api,
         admin="admin" in api,
         ttl=SERVICE_TOKEN_TTL,
+        issuer=issuer,
+        audience=audience,
     )

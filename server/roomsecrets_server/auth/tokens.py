@@ -63,10 +63,23 @@ def _pem_of(key: Any) -> bytes:
 
 
 class TokenVerifier:
-    def __init__(self, keys: Iterable[VerificationKey], *, clock: Any = time.time) -> None:
+    def __init__(
+        self,
+        keys: Iterable[VerificationKey],
+        *,
+        issuer: str = "",
+        audience: str = "",
+        clock: Any = time.time,
+    ) -> None:
         self._keys = {k.kid: k for k in keys}
         if not self._keys:
             raise ValueError("no token verification keys configured")
+        # Configured: every token must carry this `iss` / name this server in `aud`. A token with
+        # an `aud` is refused when no audience is configured (RFC 7519 §4.1.3: it is meant for
+        # someone else).
+        self._issuer = issuer or None
+        self._audience = audience or None
+        self._required = ["exp", "name", *(["iss"] if issuer else []), *(["aud"] if audience else [])]
         self._clock = clock
         self._cache: dict[str, Principal] = {}
 
@@ -106,11 +119,17 @@ class TokenVerifier:
                 token,
                 key.key,
                 algorithms=[key.algorithm],
-                options={"require": ["exp", "name"], "verify_aud": False},
+                options={"require": self._required},
+                issuer=self._issuer,
+                audience=self._audience,
                 leeway=LEEWAY_SECONDS,
             )
         except jwt.ExpiredSignatureError:
             raise Unauthenticated("token has expired") from None
+        except jwt.InvalidIssuerError:
+            raise Unauthenticated("token issuer (iss) is not the one this server trusts") from None
+        except jwt.InvalidAudienceError:
+            raise Unauthenticated("token audience (aud) does not name this server") from None
         except jwt.InvalidSignatureError:
             raise Unauthenticated("token signature is invalid") from None
         except jwt.MissingRequiredClaimError as exc:

@@ -169,6 +169,18 @@ def add_serve(subparsers: Any) -> None:
         help="a JWKS file of token verification keys; repeatable",
     )
     p.add_argument(
+        "--token-issuer",
+        default=env("TOKEN_ISSUER", ""),
+        metavar="ISS",
+        help="accept only tokens whose iss claim is ISS (default: not checked)",
+    )
+    p.add_argument(
+        "--token-audience",
+        default=env("TOKEN_AUDIENCE", ""),
+        metavar="AUD",
+        help="accept only tokens whose aud claim names AUD (default: tokens naming any audience are refused)",
+    )
+    p.add_argument(
         "--no-dev-key",
         action="store_true",
         default=env_flag("NO_DEV_KEY"),
@@ -207,6 +219,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         oauth_http_timeout=args.oauth_http_timeout,
         jwt_public_keys=tuple(args.jwt_public_keys or env_paths("JWT_PUBLIC_KEY")),
         jwks_files=tuple(args.jwks_files or env_paths("JWKS")),
+        token_issuer=args.token_issuer,
+        token_audience=args.token_audience,
         dev_signing_key=not args.no_dev_key,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
@@ -300,6 +314,16 @@ def add_token(subparsers: Any) -> None:
     )
     p.add_argument("--service", help="with --project-role service: the service this token is")
     p.add_argument(
+        "--issuer",
+        default=env("TOKEN_ISSUER", ""),
+        help="the iss claim (for a server run with --token-issuer)",
+    )
+    p.add_argument(
+        "--audience",
+        default=env("TOKEN_AUDIENCE", ""),
+        help="the aud claim (for a server run with --token-audience)",
+    )
+    p.add_argument(
         "--allow-oauth",
         nargs=2,
         action="append",
@@ -336,6 +360,8 @@ def run_token(args: argparse.Namespace) -> int:
         request_oauth_token=oauth,
         project_role=args.project_role or "",
         service=args.service or "",
+        issuer=args.issuer,
+        audience=args.audience,
     )
     print(token)
     return EXIT_OK
