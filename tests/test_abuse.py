@@ -10,12 +10,18 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import AsyncGenerator
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import grpc
+import pytest
 from roomsecrets.v1 import room_secrets_pb2 as pb
 from roomsecrets.v1 import room_secrets_pb2_grpc
+from roomsecrets_server.errors import ResourceExhausted
+from roomsecrets_server.requests.notifier import RequestClosed, Subscription
+from roomsecrets_server.requests.service import WatchReady
+from roomsecrets_server.store import RequestState
 
 from .harness import Participants, ServerThread
 from .test_replicas import Replica
@@ -141,3 +147,117 @@ def test_malformed_bytes_and_frames_on_the_port_do_not_hurt_the_server(
         room.stub.SetSecret(pb.SetSecretRequest(secret_id="alive", data=name.encode()), metadata=md)
         got = room.stub.GetSecret(pb.GetSecretRequest(secret_id="alive"), metadata=md)
         assert got.data == name.encode(), f"after {name!r}"
+
+
+def hpack_string(data: bytes) -> bytes:
+    """An HPACK string literal (no Huffman), its length as a 7-bit-prefix integer (RFC 7541 §5)."""
+    n, out = len(data), bytearray()
+    if n < 127:
+        out.append(n)
+    else:
+        out.append(127)
+        n -= 127
+        while n >= 128:
+            out.append(n % 128 + 128)
+            n //= 128
+        out.append(n)
+    return bytes(out) + data
+
+
+def grpc_headers(path: str, authority: str, token: str) -> bytes:
+    fields = [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":path", path.encode()),
+        (b":authority", authority.encode()),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+        (b"authorization", f"Bearer {token}".encode()),
+    ]
+    # 0x00: a literal field without indexing, with a literal name.
+    return b"".join(b"\x00" + hpack_string(name) + hpack_string(value) for name, value in fields)
+
+
+def test_a_watcher_that_never_reads_cannot_make_the_server_hold_events_without_bound(
+    server: ServerThread, room: Participants, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A raw HTTP/2 client opens WatchRequests with a flow-control window of 0 and never grants
+    more: the server can send it nothing. Requests to it pile up until the bound; then the
+    subscription drops its backlog and stops queueing. A stream opened afterwards starts with
+    every pending request: nothing is lost."""
+    monkeypatch.setattr(Subscription, "MAX_UNDELIVERED", 8)
+    host, port = server.address.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=5)
+    settings = frame(4, 0, 0, struct.pack(">HI", 0x4, 0))  # SETTINGS_INITIAL_WINDOW_SIZE = 0
+    headers = frame(
+        1,
+        0x4,
+        1,
+        grpc_headers("/roomsecrets.v1.RoomSecrets/WatchRequests", server.address, room.token("bob")),
+    )
+    body = frame(0, 0x1, 1, b"\x00\x00\x00\x00\x00")  # one empty WatchRequestsRequest, end of stream
+    sock.sendall(PREFACE + settings + headers + body)
+
+    async def subscriptions() -> list[tuple[bool, int]]:
+        notifier = server.server.requests._notifier  # type: ignore[union-attr]
+        local: Any = getattr(notifier, "_local", notifier)  # PgNotifier keeps its streams in a LocalNotifier
+        subs = [s for subs in local._subscriptions.values() for s in subs]
+        return [(s.overflowed, s._queue.qsize()) for s in subs]
+
+    deadline = time.monotonic() + 10
+    while not server.call(subscriptions()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.call(subscriptions()) == [(False, 0)]
+    asked = [
+        room.stub.RequestSecret.future(
+            pb.RequestSecretRequest(from_participant_id="bob", url=f"https://x.example/{n}", timeout=60),
+            metadata=room.auth("alice"),
+        )
+        for n in range(12)
+    ]
+    dropped = [(True, 1)]  # overflowed, and nothing queued but the end-of-stream marker
+    while server.call(subscriptions()) != dropped and time.monotonic() < deadline + 10:
+        time.sleep(0.05)
+    assert server.call(subscriptions()) == dropped, "the backlog was not dropped at the bound"
+    sock.close()
+
+    watch = room.stub.WatchRequests(pb.WatchRequestsRequest(), metadata=room.auth("bob"))
+    urls = set()
+    for event in watch:
+        if event.HasField("ready"):
+            break
+        urls.add(event.secret_request.url)
+    watch.cancel()  # type: ignore[no-untyped-call]
+    assert urls == {f"https://x.example/{n}" for n in range(12)}
+    for call in asked:
+        call.cancel()  # type: ignore[no-untyped-call]
+
+
+def test_a_stream_that_fell_behind_ends_with_resource_exhausted(
+    server: ServerThread, room: Participants, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other half of the bound: once the reader catches up with the dropped backlog, its
+    stream ends with RESOURCE_EXHAUSTED (reason WATCH_OVERFLOW) telling it to reconnect."""
+    monkeypatch.setattr(Subscription, "MAX_UNDELIVERED", 4)
+    assert server.server is not None
+    requests = server.server.requests
+    bob = server.server.verifier.verify(room.token("bob"))
+
+    async def fall_behind() -> str:
+        events = cast(AsyncGenerator[Any, None], requests.watch(bob))
+        assert isinstance(await anext(events), WatchReady)
+        local: Any = getattr(requests._notifier, "_local", requests._notifier)
+        (subscription,) = local._subscriptions[(bob.room, bob.identity)]
+        for n in range(5):  # published while the reader was busy elsewhere
+            subscription.push(RequestClosed(f"r{n}", RequestState.CANCELLED, "test"))
+        try:
+            await anext(events)
+        except ResourceExhausted as exc:
+            return f"{exc.reason}: {exc.message}"
+        finally:
+            await events.aclose()
+        raise AssertionError("the stream went on")
+
+    assert server.call(fall_behind()).startswith(
+        "WATCH_OVERFLOW: this stream fell 4 events behind; reconnect"
+    )

@@ -68,6 +68,10 @@ class IntegrityError(DomainError):
     reason = "INTEGRITY_CHECK_FAILED"
 
 
+class ResourceExhausted(DomainError):
+    reason = "RESOURCE_EXHAUSTED"
+
+
 class Unavailable(DomainError):
     reason = "STORE_UNAVAILABLE"
 

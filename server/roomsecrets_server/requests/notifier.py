@@ -34,14 +34,27 @@ Event = RequestOpened | RequestClosed
 
 
 class Subscription:
-    """Events for one WatchRequests stream. Iteration ends when the notifier closes."""
+    """Events for one WatchRequests stream. Iteration ends when the notifier closes, or when the
+    reader fell MAX_UNDELIVERED events behind (`overflowed`): a client that stops reading must not
+    make the server hold its events without bound. Nothing is lost by ending the stream: a new
+    WatchRequests starts with every request still pending."""
+
+    MAX_UNDELIVERED = 1024
 
     def __init__(self, room: str, identity: str) -> None:
         self.room = room
         self.identity = identity
+        self.overflowed = False
         self._queue: asyncio.Queue[Event | None] = asyncio.Queue()
 
     def push(self, event: Event | None) -> None:
+        if self.overflowed:
+            return
+        if event is not None and self._queue.qsize() >= self.MAX_UNDELIVERED:
+            self.overflowed = True
+            while not self._queue.empty():  # free the backlog now, not when the stream ends
+                self._queue.get_nowait()
+            event = None
         self._queue.put_nowait(event)
 
     async def events(self) -> AsyncIterator[Event]:

@@ -33,6 +33,7 @@ from ..errors import (
     PermissionDenied,
     RequestRejected,
     RequestTimedOut,
+    ResourceExhausted,
     Unavailable,
 )
 from ..secrets.service import SecretsService, SecretValue
@@ -378,7 +379,13 @@ class RequestService:
                         continue
                     seen.add(event.record.request_id)
                 yield event
-            # The notifier only ends subscriptions when the server shuts down.
+            if subscription.overflowed:
+                raise ResourceExhausted(
+                    f"this stream fell {subscription.MAX_UNDELIVERED} events behind; reconnect "
+                    "(a new stream starts with every pending request)",
+                    reason="WATCH_OVERFLOW",
+                )
+            # Otherwise the notifier only ends subscriptions when the server shuts down.
             raise Unavailable("server is shutting down; reconnect to keep watching", reason="SHUTTING_DOWN")
         finally:
             self._notifier.unsubscribe(subscription)

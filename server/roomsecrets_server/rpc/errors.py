@@ -26,6 +26,7 @@ STATUS_CODES: dict[type[e.DomainError], grpc.StatusCode] = {
     e.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     e.RequestTimedOut: grpc.StatusCode.DEADLINE_EXCEEDED,
     e.IntegrityError: grpc.StatusCode.DATA_LOSS,
+    e.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     e.Unavailable: grpc.StatusCode.UNAVAILABLE,
     e.NotImplementedYet: grpc.StatusCode.UNIMPLEMENTED,
 }
