@@ -44,7 +44,6 @@ VARIANTS: dict[str, str | None] = {
     # prototypes of behaviour-preserving fixes
     "opt-value-cache": "opt-value-cache",
     "opt-audit-gil-batched": "opt-audit-gil-batched",
-    "opt-audit-gil-direct": "opt-audit-gil-direct",
 }
 DEFAULT_VARIANTS = "echo,real,no-audit,no-sqlite,no-crypto,no-response,no-data,bare-handler"
 

@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 from roomsecrets.v1 import room_secrets_pb2 as pb
-from roomsecrets_server import audit as audit_module
 from roomsecrets_server import validate
 from roomsecrets_server.app import RoomSecretsServer, serve
 from roomsecrets_server.audit import AuditLog
@@ -221,33 +220,8 @@ def opt_audit_gil_batched() -> None:
     AuditLog._append = _append  # type: ignore[method-assign]
 
 
-def opt_audit_gil_direct() -> None:
-    """Fail closed without batching: each line written at once, GIL held, no suspension."""
-    append = _gil_holding_append()
-
-    async def record(self: AuditLog, action: str, *, room: str, actor: str, **fields: str) -> None:
-        if self._fd is None:
-            return
-        entry = (
-            time.time(),
-            action,
-            room,
-            actor,
-            fields.get("outcome", "ok"),
-            fields.get("secret_id", ""),
-            fields.get("owner", ""),
-            fields.get("delegated_to", ""),
-            fields.get("request_id", ""),
-            fields.get("target", ""),
-        )
-        append(self._fd, audit_module._line(entry).encode())
-
-    AuditLog.record = record  # type: ignore[method-assign]
-
-
 ABLATIONS: dict[str, Callable[[], None]] = {
     "opt-audit-gil-batched": opt_audit_gil_batched,
-    "opt-audit-gil-direct": opt_audit_gil_direct,
     "audit": no_audit,
     "sqlite": no_sqlite,
     "crypto": no_crypto,

@@ -178,6 +178,15 @@ def grpc_headers(path: str, authority: str, token: str) -> bytes:
     return b"".join(b"\x00" + hpack_string(name) + hpack_string(value) for name, value in fields)
 
 
+def local_subscriptions(server: ServerThread) -> dict[tuple[str, str], set[Subscription]]:
+    """The in-process server's open streams (PgNotifier keeps them in a LocalNotifier)."""
+    assert server.server is not None
+    notifier: Any = server.server.requests._notifier
+    return cast(
+        dict[tuple[str, str], set[Subscription]], getattr(notifier, "_local", notifier)._subscriptions
+    )
+
+
 def test_a_watcher_that_never_reads_cannot_make_the_server_hold_events_without_bound(
     server: ServerThread, room: Participants, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -199,9 +208,7 @@ def test_a_watcher_that_never_reads_cannot_make_the_server_hold_events_without_b
     sock.sendall(PREFACE + settings + headers + body)
 
     async def subscriptions() -> list[tuple[bool, int]]:
-        notifier = server.server.requests._notifier  # type: ignore[union-attr]
-        local: Any = getattr(notifier, "_local", notifier)  # PgNotifier keeps its streams in a LocalNotifier
-        subs = [s for subs in local._subscriptions.values() for s in subs]
+        subs = [s for subs in local_subscriptions(server).values() for s in subs]
         return [(s.overflowed, s._queue.qsize()) for s in subs]
 
     deadline = time.monotonic() + 10
@@ -246,8 +253,7 @@ def test_a_stream_that_fell_behind_ends_with_resource_exhausted(
     async def fall_behind() -> str:
         events = cast(AsyncGenerator[Any, None], requests.watch(bob))
         assert isinstance(await anext(events), WatchReady)
-        local: Any = getattr(requests._notifier, "_local", requests._notifier)
-        (subscription,) = local._subscriptions[(bob.room, bob.identity)]
+        (subscription,) = local_subscriptions(server)[(bob.room, bob.identity)]
         for n in range(5):  # published while the reader was busy elsewhere
             subscription.push(RequestClosed(f"r{n}", RequestState.CANCELLED, "test"))
         try:

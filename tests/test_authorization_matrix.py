@@ -80,6 +80,24 @@ def forged(room: Participants, **changes: Any) -> str:
     return jwt.encode(claims, signing_key, algorithm="HS256", headers={"kid": kid})
 
 
+def every_rpc_unauthenticated(
+    channel: grpc.Channel, credentials: dict[str, Metadata], *, leak: str
+) -> dict[str, list[str]]:
+    """Calls every RPC with every credential; each must be UNAUTHENTICATED and never show `leak`.
+    Prints the table (RPC x credential) and returns it."""
+    table: dict[str, list[str]] = {}
+    for rpc, call in every_rpc(channel):
+        table[rpc] = []
+        for kind, md in credentials.items():
+            status, seen = outcome(functools.partial(call, md))
+            table[rpc].append(status)
+            assert status == "UNAUTHENTICATED", (rpc, kind, status)
+            assert leak not in seen
+    header = " | ".join(credentials)
+    print(f"\n{'RPC':45} {header}\n" + "\n".join(f"{rpc:45} {' '.join(row)}" for rpc, row in table.items()))
+    return table
+
+
 def test_every_rpc_refuses_every_bad_credential(room: Participants) -> None:
     now = int(time.time())
     credentials: dict[str, Metadata] = {
@@ -93,16 +111,7 @@ def test_every_rpc_refuses_every_bad_credential(room: Participants) -> None:
         # Meant for another service: refused even though this server pins no audience.
         "other audience": (("authorization", f"Bearer {forged(room, aud='https://other.example')}"),),
     }
-    table: dict[str, list[str]] = {}
-    for rpc, call in every_rpc(room.channel):
-        table[rpc] = []
-        for kind, md in credentials.items():
-            status, seen = outcome(functools.partial(call, md))
-            table[rpc].append(status)
-            assert status == "UNAUTHENTICATED", (rpc, kind, status)
-            assert "matrix" not in seen
-    header = " | ".join(credentials)
-    print(f"\n{'RPC':45} {header}\n" + "\n".join(f"{rpc:45} {' '.join(row)}" for rpc, row in table.items()))
+    table = every_rpc_unauthenticated(room.channel, credentials, leak="matrix")
     assert len(table) >= 14 + 4 + 14  # RoomSecrets, OAuthConnectors, ProjectSecrets
 
 
@@ -249,18 +258,7 @@ def test_every_rpc_refuses_a_wrong_or_missing_issuer_or_audience(pinned: Partici
         "no aud": (("authorization", f"Bearer {room.token('alice', audience='')}"),),
         "other aud": (("authorization", f"Bearer {room.token('alice', audience='another-service')}"),),
     }
-    table: dict[str, list[str]] = {}
-    for rpc, call in every_rpc(room.channel):
-        table[rpc] = []
-        for kind, md in credentials.items():
-            status, seen = outcome(functools.partial(call, md))
-            table[rpc].append(status)
-            assert status == "UNAUTHENTICATED", (rpc, kind, status)
-            assert VALUE.decode() not in seen
-    print(
-        f"\n{'RPC':45} {' | '.join(credentials)}\n"
-        + "\n".join(f"{r:45} {' '.join(s)}" for r, s in table.items())
-    )
+    every_rpc_unauthenticated(room.channel, credentials, leak=VALUE.decode())
     # The same token with the right iss and aud reads the value: the refusals above are about them.
     got = room.stub.GetSecret(pb.GetSecretRequest(secret_id="s"), metadata=room.auth("alice"))
     assert got.data == VALUE

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import queue
@@ -403,11 +404,13 @@ def test_rewrap_refuses_a_data_dir_without_a_keyring(tmp_path: Path) -> None:
     assert not (tmp_path / "keyring.json").exists()
 
 
-def test_serve_prints_the_ready_line_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
-    data_dir = tmp_path / "served"
+@contextlib.contextmanager
+def serving(*args: str, env: dict[str, str]) -> Iterator[tuple[subprocess.Popen[bytes], str, bytes]]:
+    """`roomsecrets serve --listen 127.0.0.1:0 ARGS`: (process, address, ready line) once it
+    serves; killed on the way out if the test did not stop it."""
     proc = subprocess.Popen(
-        [*COMMAND, "serve", "--listen", "127.0.0.1:0", "--listener-grace", "0.5"],
-        env=clean_env(ROOMSECRETS_DATA_DIR=str(data_dir)),
+        [*COMMAND, "serve", "--listen", "127.0.0.1:0", *args],
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -419,9 +422,18 @@ def test_serve_prints_the_ready_line_and_stops_cleanly_on_sigterm(tmp_path: Path
             ready = log.next(timeout=15)
         match = re.search(rb"serving on (127\.0\.0\.1:(\d+)) ", ready)
         assert match and int(match.group(2)) > 0, ready
-        assert b"roomsecrets token --data-dir" in ready
-        address = match.group(1).decode()
+        yield proc, match.group(1).decode(), ready
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
 
+
+def test_serve_prints_the_ready_line_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    data_dir = tmp_path / "served"
+    env = clean_env(ROOMSECRETS_DATA_DIR=str(data_dir))
+    with serving("--listener-grace", "0.5", env=env) as (proc, address, ready):
+        assert b"roomsecrets token --data-dir" in ready
         token = run("token", "--data-dir", str(data_dir), "--identity", "alice", "--room", "r")
         with SecretsClient(address, token.stdout.decode().strip()) as client:
             client.set_secret("k", data=b"v")
@@ -431,29 +443,12 @@ def test_serve_prints_the_ready_line_and_stops_cleanly_on_sigterm(tmp_path: Path
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
         assert (data_dir / "keyring.json").stat().st_mode & 0o777 == 0o600
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
 
 
 def test_serve_pins_issuer_and_audience_and_token_mints_them(tmp_path: Path) -> None:
     data_dir = tmp_path / "pinned"
-    proc = subprocess.Popen(
-        [*COMMAND, "serve", "--listen", "127.0.0.1:0", "--token-audience", "rs-prod"],
-        env=clean_env(ROOMSECRETS_DATA_DIR=str(data_dir), ROOMSECRETS_TOKEN_ISSUER="https://id.example"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        assert proc.stderr is not None
-        log = Lines(proc.stderr)
-        ready = b""
-        while b"serving on" not in ready:
-            ready = log.next(timeout=15)
-        match = re.search(rb"serving on (127\.0\.0\.1:\d+) ", ready)
-        assert match, ready
-        address = match.group(1).decode()
+    env = clean_env(ROOMSECRETS_DATA_DIR=str(data_dir), ROOMSECRETS_TOKEN_ISSUER="https://id.example")
+    with serving("--token-audience", "rs-prod", env=env) as (proc, address, _):
         base = ("token", "--data-dir", str(data_dir), "--identity", "alice", "--room", "r")
         pinned = run(*base, "--issuer", "https://id.example", "--audience", "rs-prod")
         claims = jwt.decode(pinned.stdout.decode().strip(), options={"verify_signature": False})
@@ -466,10 +461,6 @@ def test_serve_pins_issuer_and_audience_and_token_mints_them(tmp_path: Path) -> 
         assert b"issuer (iss)" in refused.stderr or b"'iss'" in refused.stderr
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
 
 
 def test_serve_on_a_taken_port_fails_with_one_line(tmp_path: Path) -> None:

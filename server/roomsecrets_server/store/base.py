@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 
 class RequestState(enum.StrEnum):
@@ -170,3 +170,28 @@ class Store(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+# Records from rows in the column order both backends select: the SecretKey fields, then the
+# rest of SecretRecord; RequestRecord in field order.
+def secret_from_row(row: tuple[Any, ...]) -> SecretRecord:
+    return SecretRecord(SecretKey(row[0], row[1], row[2], row[3]), *row[4:])
+
+
+def request_from_row(row: tuple[Any, ...]) -> RequestRecord:
+    return RequestRecord(
+        request_id=row[0],
+        room=row[1],
+        kind=row[2],
+        requested_by=row[3],
+        target=row[4],
+        url=row[5],
+        type=row[6],
+        delegate_to=row[7],
+        state=RequestState(row[8]),
+        reason=row[9],
+        created=row[10],
+        deadline=row[11],
+        secret_id=row[12],
+        params=bytes(row[13]),  # PostgreSQL hands bytea back as memoryview
+    )

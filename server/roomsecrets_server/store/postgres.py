@@ -31,6 +31,8 @@ from psycopg import errors as pg_errors
 
 from ..errors import AlreadyExists, EtagMismatch, Unavailable
 from .base import ANY, RequestRecord, RequestState, SecretKey, SecretRecord, WriteCondition
+from .base import request_from_row as _request
+from .base import secret_from_row as _secret
 
 log = logging.getLogger(__name__)
 
@@ -131,29 +133,6 @@ BUSY_WAIT, DOWN_WAIT = 5.0, 0.5
 
 # Connection failures: the database restarting, unreachable, or the pool out of connections.
 CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout)
-
-
-def _secret(row: tuple[Any, ...]) -> SecretRecord:
-    return SecretRecord(SecretKey(row[0], row[1], row[2], row[3]), *row[4:])
-
-
-def _request(row: tuple[Any, ...]) -> RequestRecord:
-    return RequestRecord(
-        request_id=row[0],
-        room=row[1],
-        kind=row[2],
-        requested_by=row[3],
-        target=row[4],
-        url=row[5],
-        type=row[6],
-        delegate_to=row[7],
-        state=RequestState(row[8]),
-        reason=row[9],
-        created=row[10],
-        deadline=row[11],
-        secret_id=row[12],
-        params=bytes(row[13]),
-    )
 
 
 def _values(record: SecretRecord) -> tuple[Any, ...]:

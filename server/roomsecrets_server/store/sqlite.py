@@ -22,6 +22,8 @@ from typing import Any, TypeVar
 
 from ..errors import AlreadyExists, EtagMismatch, Unavailable
 from .base import ANY, RequestRecord, RequestState, SecretKey, SecretRecord, WriteCondition
+from .base import request_from_row as _request
+from .base import secret_from_row as _secret
 
 T = TypeVar("T")
 
@@ -100,29 +102,6 @@ def _connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=10000")
     return conn
-
-
-def _secret(row: tuple[Any, ...]) -> SecretRecord:
-    return SecretRecord(SecretKey(row[0], row[1], row[2], row[3]), *row[4:])
-
-
-def _request(row: tuple[Any, ...]) -> RequestRecord:
-    return RequestRecord(
-        request_id=row[0],
-        room=row[1],
-        kind=row[2],
-        requested_by=row[3],
-        target=row[4],
-        url=row[5],
-        type=row[6],
-        delegate_to=row[7],
-        state=RequestState(row[8]),
-        reason=row[9],
-        created=row[10],
-        deadline=row[11],
-        secret_id=row[12],
-        params=row[13],
-    )
 
 
 def _check_condition(conn: sqlite3.Connection, key: SecretKey, condition: WriteCondition) -> None:
