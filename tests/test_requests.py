@@ -103,7 +103,7 @@ def ask(
     fields.setdefault("url", "https://git.example/repo.git")
     fields.setdefault("timeout", 10)
     request = pb.RequestSecretRequest(from_participant_id=target, **fields)  # type: ignore[arg-type]
-    return room.stub.RequestSecret(request, metadata=room.auth(asker), timeout=30)
+    return room.stub.RequestSecret(request, metadata=room.auth(asker), timeout=request.timeout + 20)
 
 
 def provider(room: Participants, identity: str, value: bytes) -> Answer:
