@@ -27,6 +27,7 @@ from .auth.dev_key import ensure_dev_key, mint_service_token
 from .auth.tokens import TokenVerifier, VerificationKey, hs256_key, keys_from_jwks, public_key_from_pem
 from .config import Settings
 from .crypto.keyring import KeyringFile
+from .crypto.rotation import KekRotation
 from .crypto.startup_check import check_keyring
 from .oauth.connectors import ConnectorService
 from .oauth.provider import AuthorizationServer
@@ -97,6 +98,9 @@ class RoomSecretsServer:
         )
         self.store, notifier = open_store(settings)
         self.audit = AuditLog(settings.audit_log_path, fail_closed=not settings.audit_buffered)
+        self.kek_rotation = KekRotation(
+            self.store, self.keyring, rotate_after=settings.kek_rotate_after, on_rotate=self._rotated
+        )
         self.secrets = SecretsService(
             self.store, self.keyring, self.audit, max_value_bytes=settings.max_value_bytes
         )
@@ -135,6 +139,11 @@ class RoomSecretsServer:
         self._server: grpc.aio.Server | None = None
         self.port = 0
 
+    def _rotated(self, old_id: str, new_id: str) -> None:
+        self.audit.record_nowait(
+            "kek.rotate", room="", actor="server", outcome="ok", target=f"{old_id} -> {new_id}"
+        )
+
     @property
     def address(self) -> str:
         host = self.settings.listen.rsplit(":", 1)[0]
@@ -144,6 +153,7 @@ class RoomSecretsServer:
         try:
             await self.store.open()
             await check_keyring(self.store, self.keyring.envelope(), self.settings.keyring_path)
+            await self.kek_rotation.start()
         except BaseException:
             await self.store.close()
             raise
@@ -206,6 +216,10 @@ class RoomSecretsServer:
         if self._server is not None:
             await self._server.stop(self.settings.shutdown_grace if grace is None else grace)
             self._server = None
+        try:
+            await self.kek_rotation.flush()
+        except Exception as error:  # the store is down; only an over-count's worth is lost
+            log.warning("could not record key-encryption key use: %s", type(error).__name__)
         await self.store.close()
         await self.audit.close()
 

@@ -47,6 +47,9 @@ class Settings:
     # Empty: the embedded SQLite database in data_dir. A postgresql:// URL: the shared PostgreSQL
     # store, which any number of replicas (same keyring and token keys) may use at once.
     database_url: str = ""
+    # Seal under the active key-encryption key's next generation once it has wrapped this many
+    # data keys (AES-GCM with random nonces allows 2^32; see crypto/rotation.py).
+    kek_rotate_after: int = 2**30
 
     @property
     def max_message_bytes(self) -> int:
@@ -76,6 +79,8 @@ class Settings:
                 f"refusing plaintext on non-loopback address {self.listen}: configure TLS "
                 "or pass --allow-insecure-remote"
             )
+        if not 0 < self.kek_rotate_after <= 2**31:
+            raise ValueError("kek_rotate_after must be between 1 and 2^31")
         if self.database_url and not self.database_url.startswith(("postgresql://", "postgres://")):
             raise ValueError("database_url must be a postgresql:// URL (or empty for SQLite)")
         if not self.dev_signing_key and not (self.jwt_public_keys or self.jwks_files):

@@ -22,6 +22,7 @@ from ..app import RoomSecretsServer, open_store, serve
 from ..auth.dev_key import DEV_KEY_FILE, mint_token
 from ..config import DEFAULT_LISTEN, Settings
 from ..crypto.keyring import KeyringFile
+from ..crypto.rotation import KekRotation
 from ..secrets.rewrap import rewrap_all
 from .errors import EXIT_OK, EXIT_USAGE, PROG, CliError
 
@@ -61,6 +62,17 @@ def positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive: {text}")
     return value
+
+
+def add_kek_rotate_after(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--kek-rotate-after",
+        type=positive_int,
+        default=env("KEK_ROTATE_AFTER", str(_DEFAULTS.kek_rotate_after)),
+        help="move sealing to the active key-encryption key's next generation after it wrapped "
+        "this many data keys, counted across every process on the store (default %(default)s; "
+        "AES-GCM allows 2^32)",
+    )
 
 
 def add_data_dir(parser: argparse.ArgumentParser) -> None:
@@ -136,6 +148,7 @@ def add_serve(subparsers: Any) -> None:
         default=env("OAUTH_HTTP_TIMEOUT", str(_DEFAULTS.oauth_http_timeout)),
         help="seconds a call to an OAuth token endpoint may take (default %(default)s)",
     )
+    add_kek_rotate_after(p)
     p.add_argument("--tls-cert", type=Path, default=env("TLS_CERT"), help="server certificate (PEM)")
     p.add_argument("--tls-key", type=Path, default=env("TLS_KEY"), help="server private key (PEM)")
     p.add_argument(
@@ -229,6 +242,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         audit_log=args.audit_log,
         database_url=args.database_url,
         audit_buffered=args.audit_buffered,
+        kek_rotate_after=args.kek_rotate_after,
     )
 
 
@@ -378,6 +392,7 @@ def add_rewrap(subparsers: Any) -> None:
     )
     add_data_dir(p)
     add_database_url(p)
+    add_kek_rotate_after(p)
     p.add_argument("--rotate", action="store_true", help="add a new key-encryption key first")
     p.add_argument(
         "--retire",
@@ -395,7 +410,9 @@ def add_rewrap(subparsers: Any) -> None:
 
 
 def run_rewrap(args: argparse.Namespace) -> int:
-    settings = Settings(data_dir=args.data_dir, database_url=args.database_url)
+    settings = Settings(
+        data_dir=args.data_dir, database_url=args.database_url, kek_rotate_after=args.kek_rotate_after
+    )
     try:
         settings.check()
     except ValueError as error:
@@ -456,8 +473,13 @@ async def _rewrap(settings: Settings, keyring: KeyringFile) -> int:
     except OSError as error:
         await store.close()
         raise CliError(str(error)) from None
+    # The re-wraps count against the key's nonce budget like a server's seals.
+    rotation = KekRotation(store, keyring, rotate_after=settings.kek_rotate_after)
     try:
-        return await rewrap_all(store, keyring)
+        await rotation.start()
+        moved = await rewrap_all(store, keyring)
+        await rotation.flush()
+        return moved
     except TimeoutError as error:
         raise CliError(f"rewrap did not finish: {error}") from None
     finally:

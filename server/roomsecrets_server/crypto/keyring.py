@@ -5,6 +5,9 @@ File format (JSON): {"active": "<id>", "keys": [{"id": "<id>", "key": "<base64 3
 `rewrap --retire` removes those no stored value uses any more.
 A running server reloads the file when it changes (checked at most once a second), so a
 rotation done by the CLI is picked up without a restart.
+
+The file names the active *root* key; which generation of it seals (envelope.py) is not kept here
+but counted in the store (rotation.py), which tells the keyring through `use_generation`.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ import base64
 import json
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ..files import write_private
-from .envelope import Envelope
+from .envelope import Envelope, generation_id, split_generation
 
 
 def _new_key_entry() -> dict[str, object]:
@@ -35,6 +39,13 @@ class KeyringFile:
         self._mtime_ns = -1
         self._checked = 0.0
         self._envelope: Envelope | None = None
+        self._generations: dict[str, int] = {}
+        self.on_wrap: Callable[[str], None] | None = None
+
+    def use_generation(self, root_id: str, generation: int) -> Envelope:
+        """Seal under generation `generation` of `root_id` from now on (while it is the active root)."""
+        self._generations[root_id] = generation
+        return self.reload()
 
     def ensure(self) -> None:
         if not self.path.exists():
@@ -70,7 +81,7 @@ class KeyringFile:
     def retire(self, in_use: set[str]) -> list[str]:
         """Remove every key that is neither active nor in `in_use`. Returns the removed ids."""
         doc = json.loads(self.path.read_text())
-        keep = in_use | {doc["active"]}
+        keep = {split_generation(kek_id)[0] for kek_id in in_use} | {doc["active"]}
         removed = [str(k["id"]) for k in doc["keys"] if k["id"] not in keep]
         if removed:
             doc["keys"] = [k for k in doc["keys"] if k["id"] in keep]
@@ -95,4 +106,11 @@ class KeyringFile:
             raise PermissionError(f"{self.path} must not be readable by group or others (mode {mode:o})")
         doc = json.loads(self.path.read_text())
         keys = {str(k["id"]): base64.b64decode(k["key"]) for k in doc["keys"]}
-        return Envelope(keys, str(doc["active"]))
+        root_id = str(doc["active"])
+        active = generation_id(root_id, self._generations.get(root_id, 0))
+        return Envelope(keys, active, on_wrap=self._wrapped)
+
+    def _wrapped(self, kek_id: str) -> None:
+        # Through here, so a counter installed after the envelope was built still hears of it.
+        if self.on_wrap is not None:
+            self.on_wrap(kek_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from ..crypto.envelope import split_generation
 from ..crypto.keyring import KeyringFile
 from ..store import Store
 
@@ -20,10 +21,12 @@ async def rewrap_all(store: Store, keyring: KeyringFile, *, settle_seconds: floa
     """Returns how many values were re-wrapped. Loops until none is left under an older key."""
     envelope = keyring.reload()
     active = envelope.active_kek_id
+    # Generations of the active key (crypto/rotation.py) share its root: those values stay put.
+    root_id = split_generation(active)[0]
     moved = 0
     give_up = time.monotonic() + settle_seconds
     while True:
-        rows = await store.sealed_not_under(active, BATCH)
+        rows = await store.sealed_not_under(root_id, BATCH)
         if not rows:
             return moved
         changed = 0

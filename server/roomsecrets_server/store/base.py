@@ -158,11 +158,22 @@ class Store(Protocol):
         ...
 
     # -- key rotation -------------------------------------------------------------------------
-    async def sealed_not_under(self, kek_id: str, limit: int) -> list[tuple[SecretKey, bytes]]: ...
+    async def sealed_not_under(self, root_id: str, limit: int) -> list[tuple[SecretKey, bytes]]:
+        """Values sealed under neither key `root_id` nor one of its generations (to re-wrap)."""
+        ...
 
     async def kek_samples(self) -> dict[str, bytes]:
         """One sealed value per key-encryption key that stored values use (the startup check that
         the keyring has, and opens, every key the data needs)."""
+        ...
+
+    async def reserve_wraps(self, kek_id: str, count: int) -> int:
+        """Add `count` to the data keys wrapped under `kek_id` by any process, durably; returns
+        the new total (crypto/rotation.py)."""
+        ...
+
+    async def wrap_counts(self) -> dict[str, int]:
+        """Every key-encryption key's total of reserved wraps."""
         ...
 
     async def replace_sealed(self, key: SecretKey, old: bytes, new: bytes, kek_id: str) -> bool:

@@ -102,6 +102,13 @@ MIGRATIONS: tuple[str, ...] = (
       PRIMARY KEY (room, identity, replica)
     );
     """,
+    # 3: data keys wrapped under each key-encryption key, by every replica (crypto/rotation.py)
+    """
+    CREATE TABLE kek_wraps (
+      kek_id TEXT COLLATE "C" PRIMARY KEY,
+      wraps BIGINT NOT NULL
+    );
+    """,
 )
 # Any constant: the key of the advisory lock that serialises migrations between replicas.
 _MIGRATION_LOCK = 0x726F6F6D73656372  # "roomsecr"
@@ -453,16 +460,32 @@ class PostgresStore:
             await conn.execute("DELETE FROM leases WHERE name=%s AND holder=%s", (name, holder))
 
     # -- key rotation -------------------------------------------------------------------------
-    async def sealed_not_under(self, kek_id: str, limit: int) -> list[tuple[SecretKey, bytes]]:
+    async def sealed_not_under(self, root_id: str, limit: int) -> list[tuple[SecretKey, bytes]]:
+        prefix = f"{root_id}.g"
         rows = await self._all(
-            "SELECT room, owner, delegated_to, secret_id, sealed FROM secrets WHERE kek_id <> %s LIMIT %s",
-            (kek_id, limit),
+            "SELECT room, owner, delegated_to, secret_id, sealed FROM secrets "
+            "WHERE kek_id <> %s AND substr(kek_id, 1, %s) <> %s LIMIT %s",
+            (root_id, len(prefix), prefix, limit),
         )
         return [(SecretKey(r[0], r[1], r[2], r[3]), bytes(r[4])) for r in rows]
 
     async def kek_samples(self) -> dict[str, bytes]:
         rows = await self._all("SELECT DISTINCT ON (kek_id) kek_id, sealed FROM secrets ORDER BY kek_id", ())
         return {str(r[0]): bytes(r[1]) for r in rows}
+
+    async def reserve_wraps(self, kek_id: str, count: int) -> int:
+        async with self._write() as conn:
+            cur = await conn.execute(
+                "INSERT INTO kek_wraps (kek_id, wraps) VALUES (%s, %s) "
+                "ON CONFLICT (kek_id) DO UPDATE SET wraps = kek_wraps.wraps + excluded.wraps RETURNING wraps",
+                (kek_id, count),
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            return int(row[0])
+
+    async def wrap_counts(self) -> dict[str, int]:
+        return {str(r[0]): int(r[1]) for r in await self._all("SELECT kek_id, wraps FROM kek_wraps", ())}
 
     async def replace_sealed(self, key: SecretKey, old: bytes, new: bytes, kek_id: str) -> bool:
         async with self._write() as conn:

@@ -75,6 +75,11 @@ CREATE TABLE IF NOT EXISTS leases (
   holder TEXT NOT NULL,
   expires REAL NOT NULL
 ) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS kek_wraps (
+  kek_id TEXT PRIMARY KEY,
+  wraps INTEGER NOT NULL
+) WITHOUT ROWID;
 """
 
 _VALUE_COLUMNS = (
@@ -479,10 +484,12 @@ class SqliteStore:
         await self._writer.run(job)
 
     # -- key rotation -------------------------------------------------------------------------
-    async def sealed_not_under(self, kek_id: str, limit: int) -> list[tuple[SecretKey, bytes]]:
+    async def sealed_not_under(self, root_id: str, limit: int) -> list[tuple[SecretKey, bytes]]:
+        prefix = f"{root_id}.g"
         rows = self._all(
-            "SELECT room, owner, delegated_to, secret_id, sealed FROM secrets WHERE kek_id != ? LIMIT ?",
-            (kek_id, limit),
+            "SELECT room, owner, delegated_to, secret_id, sealed FROM secrets "
+            "WHERE kek_id != ? AND substr(kek_id, 1, ?) != ? LIMIT ?",
+            (root_id, len(prefix), prefix, limit),
         )
         return [(SecretKey(r[0], r[1], r[2], r[3]), r[4]) for r in rows]
 
@@ -490,6 +497,20 @@ class SqliteStore:
         # SQLite returns the bare column from one row of each group; secrets_by_kek serves it.
         rows = self._all("SELECT kek_id, sealed FROM secrets GROUP BY kek_id", ())
         return {str(r[0]): bytes(r[1]) for r in rows}
+
+    async def reserve_wraps(self, kek_id: str, count: int) -> int:
+        def job(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "INSERT INTO kek_wraps (kek_id, wraps) VALUES (?, ?) "
+                "ON CONFLICT (kek_id) DO UPDATE SET wraps = wraps + excluded.wraps RETURNING wraps",
+                (kek_id, count),
+            ).fetchone()
+            return int(row[0])
+
+        return await self._writer.run(job)
+
+    async def wrap_counts(self) -> dict[str, int]:
+        return {str(r[0]): int(r[1]) for r in self._all("SELECT kek_id, wraps FROM kek_wraps", ())}
 
     async def replace_sealed(self, key: SecretKey, old: bytes, new: bytes, kek_id: str) -> bool:
         def job(conn: sqlite3.Connection) -> bool:
