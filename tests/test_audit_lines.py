@@ -201,5 +201,5 @@ def test_every_read_write_delete_request_and_answer_is_a_structured_line(
     assert {e["request_id"] for e in requested} >= {inbound.request_id, event.secret_request.request_id}
     for entry in lines:  # structured: who, where, what, outcome on every line
         assert {"ts", "action", "room", "actor", "outcome"} <= entry.keys()
-        assert entry["room"] == "room-1"
+        assert entry["room"] == "dev-project/room-1"  # the room, qualified by its project
     assert b"given" not in (data_dir / "audit.log").read_bytes()

@@ -21,6 +21,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from roomsecrets.v1 import room_secrets_pb2 as pb
 from roomsecrets_server.app import open_store
+from roomsecrets_server.auth.principal import room_scope
 from roomsecrets_server.config import Settings
 from roomsecrets_server.crypto.envelope import Envelope
 from roomsecrets_server.crypto.keyring import KeyringFile
@@ -196,9 +197,9 @@ def test_audit_log_records_actions_but_never_values(servers: Servers, data_dir: 
     assert token.split(".")[2].encode() not in content  # not even the signature
     entries = [json.loads(line) for line in content.decode().splitlines() if line.strip()]
     actions = [(e["action"], e.get("secret_id"), e["actor"], e["room"]) for e in entries]
-    assert ("set_secret", "audited", "alice", "room-1") in actions
-    assert ("get_secret", "audited", "alice", "room-1") in actions
-    assert ("delete_secret", "audited", "alice", "room-1") in actions
+    assert ("set_secret", "audited", "alice", ROOM_1) in actions
+    assert ("get_secret", "audited", "alice", ROOM_1) in actions
+    assert ("delete_secret", "audited", "alice", ROOM_1) in actions
 
 
 def test_key_files_are_private(servers: Servers, data_dir: Path) -> None:
@@ -218,6 +219,11 @@ def test_server_refuses_a_keyring_readable_by_others(data_dir: Path, servers: Se
 
 
 # -- ciphertext bound to its place --------------------------------------------------------------------
+# Rows are keyed by the room qualified by its project (auth/principal.py room_scope).
+ROOM_1 = room_scope("dev-project", "room-1")
+ROOM_2 = room_scope("dev-project", "room-2")
+
+
 def copy_row(db: Database, source: tuple[str, str, str, str], target: tuple[str, str, str, str]) -> None:
     """Copy the sealed value (and what its associated data covers) from one row onto another."""
     rows = db.query(
@@ -265,7 +271,7 @@ def test_ciphertext_copied_to_another_rooms_row_fails_to_open(
         room2.close()
     servers.stop(room1)
 
-    copy_row(db, ("room-1", "alice", "", "shared"), ("room-2", "alice", "", "shared"))
+    copy_row(db, (ROOM_1, "alice", "", "shared"), (ROOM_2, "alice", "", "shared"))
 
     room1 = servers.start("room-1")
     room2 = Participants(room1.server, room="room-2")
@@ -288,9 +294,9 @@ def test_ciphertext_copied_to_another_rooms_row_fails_to_open(
 @pytest.mark.parametrize(
     ("target", "reader"),
     [
-        (("room-1", "bob", "", "s"), "bob"),  # another owner
-        (("room-1", "alice", "", "other-id"), "alice"),  # another id
-        (("room-1", "alice", "carol", "s"), "alice"),  # another delegation
+        ((ROOM_1, "bob", "", "s"), "bob"),  # another owner
+        ((ROOM_1, "alice", "", "other-id"), "alice"),  # another id
+        ((ROOM_1, "alice", "carol", "s"), "alice"),  # another delegation
     ],
 )
 def test_ciphertext_copied_to_another_place_in_the_room_fails_to_open(
@@ -308,7 +314,7 @@ def test_ciphertext_copied_to_another_place_in_the_room_fails_to_open(
         data=b"placeholder",
         delegated_to=delegated_to,
     )
-    copy_row(db, ("room-1", "alice", "", "s"), target)  # the running server sees it at once
+    copy_row(db, (ROOM_1, "alice", "", "s"), target)  # the running server sees it at once
     err = fails(
         lambda: get_data(room, room.auth(reader), secret_id, delegated_to=delegated_to),
         grpc.StatusCode.DATA_LOSS,

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 from ..errors import PermissionDenied, Unauthenticated
 
@@ -44,17 +45,24 @@ class SecretsGrant:
         return any(e.allows(endpoint, client_id) for e in self.request_oauth_token)
 
 
+def room_scope(project: str, room: str) -> str:
+    """Where a room's data lives. Rooms belong to projects, so rooms of the same name in two
+    projects are two rooms. The project id is percent-encoded, so the first '/' always ends it."""
+    return f"{quote(project, safe='')}/{room}"
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
     identity: str
     project: str
-    room: str
+    room: str  # room_scope(project, room_name): the key of every room-scoped row and channel
     role: str
     secrets: SecretsGrant | None
     admin: bool
     expires_at: float
     project_role: str = ""  # "" (none) | admin | developer | service
     service: str = ""  # with project_role "service": the service this token is
+    room_name: str = ""  # the room grant as the token names it (for messages and minted tokens)
 
     def require_project_role(self, *roles: str, what: str) -> None:
         if self.project_role not in roles:
@@ -97,10 +105,12 @@ def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
     if not isinstance(api, Mapping):
         raise Unauthenticated("token 'api' grant must be an object")
     project_role, service = _project_grant(_scope(grants, "project"))
+    project = str(claims.get("sub", ""))
     return Principal(
         identity=identity,
-        project=str(claims.get("sub", "")),
-        room=room,
+        project=project,
+        room=room_scope(project, room),
+        room_name=room,
         role=str(role),
         secrets=_secrets_grant(api.get("secrets")),
         admin=api.get("admin") is not None,

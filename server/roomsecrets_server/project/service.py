@@ -356,7 +356,7 @@ class ProjectService:
         if record is None:
             raise FailedPrecondition(
                 f"service {manifest.name!r}: environment {entry.name} names room secret {ref.id!r} of "
-                f"{ref.identity!r}, which does not exist in room {p.room!r}",
+                f"{ref.identity!r}, which does not exist in room {p.room_name!r}",
                 reason="MISSING_SECRET",
             )
         try:
@@ -397,7 +397,7 @@ class ProjectService:
                 f"service {manifest.name!r} asks for a minted token, but this server has no signing key "
                 "(run it with the development key, or give the token as a room secret)"
             )
-        return self._mint(spec.identity, p.room, p.project, spec.role, spec.api)
+        return self._mint(spec.identity, p.room_name, p.project, spec.role, spec.api)
 
     # -- storage helpers ----------------------------------------------------------------------
     async def _write(
