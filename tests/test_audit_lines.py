@@ -59,14 +59,7 @@ async def test_fail_closed_lines_of_one_loop_iteration_share_one_write(
 ) -> None:
     path = tmp_path / "audit.log"
     audit = AuditLog(path)
-    writes: list[int] = []
-    real_write = os.write
-
-    def counting_write(fd: int, data: bytes) -> int:
-        writes.append(data.count(b"\n"))
-        return real_write(fd, data)
-
-    monkeypatch.setattr(os, "write", counting_write)  # the os module audit.py calls
+    writes = counting_writes(monkeypatch)
     await asyncio.gather(
         *(audit.record("get_secret", room="r", actor=f"a{i}", secret_id="s") for i in range(50))
     )
@@ -75,6 +68,71 @@ async def test_fail_closed_lines_of_one_loop_iteration_share_one_write(
     assert writes == [50, 1]
     await audit.close()
     assert len(path.read_text().splitlines()) == 51
+
+
+def counting_writes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of lines in each write(2) the audit log makes from now on."""
+    writes: list[int] = []
+    real_write = os.write
+
+    def counting_write(fd: int, data: bytes) -> int:
+        writes.append(data.count(b"\n"))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", counting_write)  # the os module audit.py calls
+    return writes
+
+
+async def staggered(audit: AuditLog, callers: int, gap: float) -> float:
+    """`callers` records arriving `gap` seconds apart, as gRPC hands calls over one event-loop
+    iteration at a time; returns how long the last one took to be answered after it arrived."""
+
+    async def one(i: int) -> float:
+        await asyncio.sleep(i * gap)
+        arrived = loop.time()
+        await audit.record("get_secret", room="r", actor=f"a{i}", secret_id="s")
+        return loop.time() - arrived
+
+    loop = asyncio.get_running_loop()
+    return (await asyncio.gather(*(one(i) for i in range(callers))))[-1]
+
+
+async def test_a_lone_caller_never_waits_for_the_group_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    audit = AuditLog(tmp_path / "audit.log", group_window=3600)  # a wait would time the test out
+    writes = counting_writes(monkeypatch)
+    for i in range(AuditLog.LEARN_EVERY - 1):
+        await asyncio.wait_for(audit.record("get_secret", room="r", actor=f"a{i}"), 5)
+    assert writes == [1] * (AuditLog.LEARN_EVERY - 1)
+    await audit.close()
+
+
+async def test_calls_arriving_together_share_one_write_without_waiting_out_the_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    window = 0.5
+    audit = AuditLog(tmp_path / "audit.log", group_window=window)
+    writes = counting_writes(monkeypatch)
+    for i in range(AuditLog.LEARN_EVERY - 1):  # alone: written at once, one by one
+        await audit.record("exists", room="r", actor=f"a{i}")
+    del writes[:]
+    # This batch runs its full window and learns that 8 calls arrive together...
+    await staggered(audit, 8, gap=0.005)
+    assert writes == [8]
+    # ...so the next 8, arriving in 8 different loop iterations, share one write that leaves as
+    # soon as the 8th is in, not when the window ends.
+    last_waited = await staggered(audit, 8, gap=0.005)
+    assert writes == [8, 8]
+    assert last_waited < window / 4, last_waited
+    # Alone again: this one waits out the window (8 were expected) and teaches that; the next
+    # is written at once.
+    await audit.record("exists", room="r", actor="alone")
+    assert writes == [8, 8, 1]
+    assert await staggered(audit, 1, gap=0) < window / 4
+    assert writes == [8, 8, 1, 1]
+    await audit.close()
+    assert len((tmp_path / "audit.log").read_text().splitlines()) == AuditLog.LEARN_EVERY - 1 + 18
 
 
 async def test_fail_closed_every_caller_of_a_failed_batch_is_refused_and_the_log_says_why(

@@ -97,7 +97,11 @@ class RoomSecretsServer:
             verification_keys(settings), issuer=settings.token_issuer, audience=settings.token_audience
         )
         self.store, notifier = open_store(settings)
-        self.audit = AuditLog(settings.audit_log_path, fail_closed=not settings.audit_buffered)
+        self.audit = AuditLog(
+            settings.audit_log_path,
+            fail_closed=not settings.audit_buffered,
+            group_window=settings.audit_group_window,
+        )
         self.kek_rotation = KekRotation(
             self.store, self.keyring, rotate_after=settings.kek_rotate_after, on_rotate=self._rotated
         )

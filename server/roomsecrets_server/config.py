@@ -40,6 +40,9 @@ class Settings:
     # False (the default): the audit log fails closed — a call whose line cannot be written fails.
     # True: lines are buffered and written every half second (see audit.py for the trade).
     audit_buffered: bool = False
+    # Fail closed: a batch of audit lines waits at most this long for the calls arriving with it
+    # (adaptive group commit, see audit.py); 0 writes each event-loop iteration's lines at its end.
+    audit_group_window: float = 0.002
     # Offline OAuth tokens are refreshed when they expire within this many seconds (at most half
     # their lifetime); token endpoint calls give up after oauth_http_timeout seconds.
     oauth_refresh_margin: float = 60.0
@@ -79,6 +82,8 @@ class Settings:
                 f"refusing plaintext on non-loopback address {self.listen}: configure TLS "
                 "or pass --allow-insecure-remote"
             )
+        if not 0 <= self.audit_group_window <= 1:
+            raise ValueError("audit_group_window must be between 0 and 1 second")
         if not 0 < self.kek_rotate_after <= 2**31:
             raise ValueError("kek_rotate_after must be between 1 and 2^31")
         if self.database_url and not self.database_url.startswith(("postgresql://", "postgres://")):

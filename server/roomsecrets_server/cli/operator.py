@@ -210,6 +210,13 @@ def add_serve(subparsers: Any) -> None:
         "succeeds even if its line cannot be written). Default: fail closed",
     )
     p.add_argument(
+        "--audit-group-window",
+        type=non_negative,
+        default=env("AUDIT_GROUP_WINDOW", str(_DEFAULTS.audit_group_window)),
+        help="fail closed: seconds a batch of audit lines may wait for the calls arriving with it; "
+        "it waits only while calls arrive together (default %(default)s; 0: no wait)",
+    )
+    p.add_argument(
         "--log-level",
         default=env("LOG_LEVEL", "INFO"),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -242,6 +249,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         audit_log=args.audit_log,
         database_url=args.database_url,
         audit_buffered=args.audit_buffered,
+        audit_group_window=args.audit_group_window,
         kek_rotate_after=args.kek_rotate_after,
     )
 
