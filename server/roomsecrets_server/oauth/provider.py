@@ -14,7 +14,7 @@ import json
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from authlib.common.security import generate_token
 from authlib.integrations.base_client.errors import OAuthError
@@ -57,7 +57,7 @@ def _check_url(value: str, field_name: str, *, required: bool = True) -> str:
     value = validate.text(value, field_name, validate.MAX_URL, required=required)
     if not value:
         return value
-    parts = urlsplit(value)
+    parts = _split(value, field_name)
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise InvalidArgument(field_name, "must be an absolute https URL")
     if parts.scheme == "http" and not _is_loopback(parts.hostname):
@@ -65,6 +65,13 @@ def _check_url(value: str, field_name: str, *, required: bool = True) -> str:
     if parts.fragment:
         raise InvalidArgument(field_name, "must not have a #fragment")
     return value
+
+
+def _split(value: str, field_name: str) -> SplitResult:
+    try:
+        return urlsplit(value)
+    except ValueError:  # e.g. "https://[::1" or a host NFKC-normalizing to a delimiter
+        raise InvalidArgument(field_name, "is not a valid URL") from None
 
 
 def _is_loopback(host: str) -> bool:
@@ -312,7 +319,7 @@ def check_code(code: str) -> str:
 
 def check_redirect_uri(value: str) -> str:
     value = validate.text(value, "redirect_uri", validate.MAX_URL, required=True)
-    parts = urlsplit(value)
+    parts = _split(value, "redirect_uri")
     if not parts.scheme or (parts.scheme in ("http", "https") and not parts.hostname):
         raise InvalidArgument("redirect_uri", "must be an absolute URI")
     return value

@@ -37,6 +37,7 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _VAR_NAME = re.compile(r"[a-z_][a-z0-9_]*")
 _REF = re.compile(r"\{\{([^{}]*)\}\}")
 _CONTROL_BUT_TAB_NL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +94,7 @@ def parse_manifest(text: str) -> Manifest:
     validate.data(text.encode(), MAX_MANIFEST, "manifest")
     top = ("version", "kind", "metadata", "container")
     root_node = _compose(text)
+    _check_unicode(root_node)
     root = _mapping(root_node, "", (*top, "variables"), required=top)
     if _str(root["version"], "version") != VERSION:
         _fail("version", root["version"], f"unsupported version; expected {VERSION}")
@@ -286,6 +288,24 @@ def _compose(text: str) -> yaml.Node:
         raise InvalidArgument("manifest", f"line {line}: invalid YAML: {e.reason}") from None
     except RecursionError:
         raise InvalidArgument("manifest", "is nested too deeply") from None
+
+
+def _check_unicode(root: yaml.Node) -> None:
+    """YAML's \\u escapes spell UTF-16 surrogates (json.dumps writes any non-BMP character so):
+    a pair becomes its character; a lone one, which no reply could carry, is refused."""
+    nodes = [root]
+    while nodes:
+        node = nodes.pop()
+        if isinstance(node, yaml.ScalarNode):
+            if _SURROGATE.search(node.value):
+                try:
+                    node.value = node.value.encode("utf-16", "surrogatepass").decode("utf-16")
+                except UnicodeDecodeError:
+                    _fail("manifest", node, "a \\u escape spells a lone UTF-16 surrogate")
+        elif isinstance(node, yaml.SequenceNode):
+            nodes.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            nodes.extend(n for pair in node.value for n in pair)
 
 
 def _peek_line(loader: yaml.SafeLoader) -> int:

@@ -315,7 +315,7 @@ class ProjectService:
         for var in set(obscure.values()) - set(supplied):
             stored = await self._store.get_secret(_obscure_key(p, manifest, var))
             if stored is not None:  # given at an earlier install in this room
-                supplied[var] = self._secrets.open(stored).decode()
+                supplied[var] = _utf8(self._secrets.open(stored), manifest, stored.key.secret_id)
         rendered = render_environment(manifest, supplied)
         for entry in rendered:
             put(
@@ -389,7 +389,7 @@ class ProjectService:
         stored = await self._store.get_secret(key)
         if stored is None:
             raise InvalidArgument(f"variables.{var}", "is required (no stored value for this room yet)")
-        return self._secrets.open(stored).decode()
+        return _utf8(self._secrets.open(stored), manifest, key.secret_id)
 
     def _token(self, p: Principal, manifest: Manifest, spec: TokenSpec) -> str:
         if self._mint is None:
@@ -491,6 +491,17 @@ def _obscure_key(p: Principal, manifest: Manifest, var: str) -> SecretKey:
 
 def _where(p: Principal) -> str:
     return f"project:{p.project}"
+
+
+def _utf8(value: bytes, manifest: Manifest, secret_id: str) -> str:
+    """A stored obscure value: its room secret may have been overwritten with any bytes."""
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        raise FailedPrecondition(
+            f"service {manifest.name!r}: room secret {secret_id!r} is not UTF-8 text, so it cannot be an "
+            "environment variable"
+        ) from None
 
 
 def _check_env_name(name: str, field: str) -> str:
