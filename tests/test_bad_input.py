@@ -14,6 +14,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from roomsecrets.v1 import oauth_connectors_pb2, project_secrets_pb2
 from roomsecrets.v1 import room_secrets_pb2 as pb
 
 from .harness import Participants
@@ -445,3 +446,41 @@ def test_many_bad_inputs_in_a_row_leave_stored_data_intact(api: Participants) ->
             fails(call, grpc.StatusCode.INVALID_ARGUMENT)
     for secret_id, value in stored.items():
         assert api.stub.GetSecret(pb.GetSecretRequest(secret_id=secret_id), metadata=md).data == value
+
+
+# -- bytes that are not a request message ------------------------------------------------------------
+NOT_A_MESSAGE = {
+    "invalid wire type": b"\xff\xff\xff",
+    "truncated field": b"\x0a\x05ab",
+    "overlong varint": b"\x08" + b"\xff" * 11,
+}
+
+
+@pytest.mark.parametrize("payload", NOT_A_MESSAGE.values(), ids=list(NOT_A_MESSAGE))
+def test_bytes_that_are_no_request_message_are_invalid_argument_on_every_rpc(
+    room: Participants, payload: bytes
+) -> None:
+    """grpcio answers such bytes UNKNOWN ("Unexpected DecodeError") by itself; every method is
+    registered to answer INVALID_ARGUMENT naming the request instead (rpc/registry.py)."""
+    md = room.auth("alice", admin=True)
+    seen: dict[str, str] = {}
+    for module in (pb, oauth_connectors_pb2, project_secrets_pb2):
+        for service in module.DESCRIPTOR.services_by_name.values():
+            for method in service.methods:
+                path = f"/{service.full_name}/{method.name}"
+                if method.server_streaming:
+                    call = room.channel.unary_stream(path, None, None)
+                    with pytest.raises(grpc.RpcError) as refused:
+                        next(iter(call(payload, metadata=md, timeout=10)))
+                else:
+                    with pytest.raises(grpc.RpcError) as refused:
+                        room.channel.unary_unary(path, None, None)(payload, metadata=md, timeout=10)
+                err = refused.value
+                seen[path] = err.code().name
+                assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (path, err.code(), err.details())
+                assert f"request: is not a valid {method.input_type.full_name} message" in (
+                    err.details() or ""
+                )
+    assert len(seen) == 32
+    # And the server goes on serving.
+    room.stub.SetSecret(pb.SetSecretRequest(secret_id="after", data=b"x"), metadata=room.auth("alice"))

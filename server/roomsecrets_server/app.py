@@ -13,14 +13,7 @@ import grpc
 from grpc_health.v1 import _async as health_aio  # the aio HealthServicer (also `health.aio`)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from roomsecrets.v1 import (
-    oauth_connectors_pb2,
-    oauth_connectors_pb2_grpc,
-    project_secrets_pb2,
-    project_secrets_pb2_grpc,
-    room_secrets_pb2,
-    room_secrets_pb2_grpc,
-)
+from roomsecrets.v1 import oauth_connectors_pb2, project_secrets_pb2, room_secrets_pb2
 
 from .audit import AuditLog
 from .auth.dev_key import ensure_dev_key, mint_service_token
@@ -38,6 +31,7 @@ from .requests.pg_notifier import PgNotifier
 from .requests.service import RequestService
 from .rpc.oauth_connectors import OAuthConnectorsServicer
 from .rpc.project_secrets import ProjectSecretsServicer
+from .rpc.registry import add_servicer
 from .rpc.room_secrets import RoomSecretsServicer
 from .secrets.service import SecretsService
 from .store import Store
@@ -46,9 +40,12 @@ from .store.sqlite import SqliteStore
 
 log = logging.getLogger("roomsecrets")
 
-ROOM_SECRETS = room_secrets_pb2.DESCRIPTOR.services_by_name["RoomSecrets"].full_name
-OAUTH_CONNECTORS = oauth_connectors_pb2.DESCRIPTOR.services_by_name["OAuthConnectors"].full_name
-PROJECT_SECRETS = project_secrets_pb2.DESCRIPTOR.services_by_name["ProjectSecrets"].full_name
+ROOM_SECRETS_SERVICE = room_secrets_pb2.DESCRIPTOR.services_by_name["RoomSecrets"]
+OAUTH_CONNECTORS_SERVICE = oauth_connectors_pb2.DESCRIPTOR.services_by_name["OAuthConnectors"]
+PROJECT_SECRETS_SERVICE = project_secrets_pb2.DESCRIPTOR.services_by_name["ProjectSecrets"]
+ROOM_SECRETS = ROOM_SECRETS_SERVICE.full_name
+OAUTH_CONNECTORS = OAUTH_CONNECTORS_SERVICE.full_name
+PROJECT_SECRETS = PROJECT_SECRETS_SERVICE.full_name
 
 
 def verification_keys(settings: Settings) -> list[VerificationKey]:
@@ -162,14 +159,20 @@ class RoomSecretsServer:
             await self.store.close()
             raise
         server = grpc.aio.server(options=server_options(self.settings))
-        room_secrets_pb2_grpc.add_RoomSecretsServicer_to_server(
-            RoomSecretsServicer(self.verifier, self.secrets, self.requests, self.oauth), server
+        add_servicer(
+            server,
+            ROOM_SECRETS_SERVICE,
+            RoomSecretsServicer(self.verifier, self.secrets, self.requests, self.oauth),
         )
-        oauth_connectors_pb2_grpc.add_OAuthConnectorsServicer_to_server(
-            OAuthConnectorsServicer(self.verifier, self.connectors), server
+        add_servicer(
+            server,
+            OAUTH_CONNECTORS_SERVICE,
+            OAuthConnectorsServicer(self.verifier, self.connectors),
         )
-        project_secrets_pb2_grpc.add_ProjectSecretsServicer_to_server(
-            ProjectSecretsServicer(self.verifier, self.project), server
+        add_servicer(
+            server,
+            PROJECT_SECRETS_SERVICE,
+            ProjectSecretsServicer(self.verifier, self.project),
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(

@@ -14,7 +14,7 @@ from roomsecrets.v1 import room_secrets_pb2_grpc as pb_grpc
 
 from ..auth.principal import Principal
 from ..auth.tokens import TokenVerifier
-from ..errors import DomainError
+from ..errors import DomainError, InvalidArgument
 from ..oauth.service import OAuthService
 from ..requests.notifier import RequestClosed, RequestOpened
 from ..requests.service import OAUTH, RequestService, WatchReady
@@ -22,6 +22,7 @@ from ..secrets.service import SecretsService
 from ..store import RequestRecord, RequestState, SecretRecord
 from .convert import access_token_fields, client_ref, oauth_request, timestamp
 from .errors import to_status
+from .registry import Unparsable
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,10 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: Exception) 
     await context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
 
+def unparsable(request: Unparsable) -> InvalidArgument:
+    return InvalidArgument("request", f"is not a valid {request.message} message")
+
+
 def unary(
     method: Handler[Req, Resp],
 ) -> Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]]:
@@ -61,6 +66,8 @@ def unary(
     ) -> Resp:
         try:
             principal = self.verifier.authenticate(authorization(context))
+            if isinstance(request, Unparsable):
+                raise unparsable(request)
             return await method(self, request, principal, context)
         except Exception as error:
             await _abort(context, error)
@@ -291,6 +298,8 @@ class RoomSecretsServicer(pb_grpc.RoomSecretsServicer):
     ) -> AsyncIterator[pb.WatchRequestsResponse]:
         try:
             principal = self.verifier.authenticate(authorization(context))
+            if isinstance(request, Unparsable):
+                raise unparsable(request)
             async for event in self.requests.watch(principal):
                 message = self._watch_event(event)
                 if message is not None:
