@@ -51,9 +51,8 @@ Metadata = tuple[tuple[str, str], ...]
 _READ = {Code.OK, Code.INVALID_ARGUMENT, Code.NOT_FOUND}
 # Check-and-set: a stale or made-up etag is ABORTED; an id that is gone is NOT_FOUND.
 _CAS = _READ | {Code.ABORTED}
-# Creates are a check-and-set against "absent": an id in use is ABORTED (the store's condition
-# failed), another item with the same display name is ALREADY_EXISTS (the unique name index).
-_CREATE = {Code.OK, Code.INVALID_ARGUMENT, Code.ABORTED, Code.ALREADY_EXISTS}
+# Creates: an id in use, or another item with the same display name, is ALREADY_EXISTS.
+_CREATE = {Code.OK, Code.INVALID_ARGUMENT, Code.ALREADY_EXISTS}
 # Anything but NOT_FOUND for a missing connector is about the input: the caller is authorized.
 _OAUTH_CLIENT = {Code.OK, Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.UNIMPLEMENTED}
 ALLOWED: dict[str, set[grpc.StatusCode]] = {

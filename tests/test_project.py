@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import jwt
 import pytest
-from roomsecrets.errors import NotFoundError, PermissionDeniedError
+from roomsecrets.errors import NotFoundError, PermissionDeniedError, SecretsError
 from roomsecrets.project import AsyncProjectSecretsClient, ProjectSecretsClient
 from roomsecrets.v1 import project_secrets_pb2 as pb
 from roomsecrets.v1 import project_secrets_pb2_grpc as pb_grpc
@@ -143,6 +143,31 @@ def test_rotated_key_is_seen_by_the_next_resolve(seeded: ProjectSecretsClient) -
     assert "ABORTED" in str(stale.value)
     seeded.update_secret_key("openai", remove=["OPENAI_ORG"])
     assert "OPENAI_ORG" not in seeded.resolve_service("api").environment
+
+
+def test_creating_what_exists_is_already_exists_in_project_terms(seeded: ProjectSecretsClient) -> None:
+    cases: list[tuple[Callable[[], object], str]] = [
+        (
+            lambda: seeded.create_secret_key("Other", {"K": "v"}, id="openai"),
+            "secret key 'openai' already exists",
+        ),
+        (
+            lambda: seeded.create_secret_key("OpenAI", {"K": "v"}),
+            "another secret key is already named 'OpenAI'",
+        ),
+        (
+            lambda: seeded.create_pull_secret(
+                "Other", id="regcred", server="r.example", username="u", password="p"
+            ),
+            "pull secret 'regcred' already exists",
+        ),
+    ]
+    for create, message in cases:
+        with pytest.raises(SecretsError) as exists:
+            create()
+        assert exists.value.code == grpc.StatusCode.ALREADY_EXISTS, exists.value
+        assert exists.value.message == message
+    assert seeded.get_secret_key("openai").name == "OpenAI"  # type: ignore[union-attr]  # unchanged
 
 
 def test_permission_matrix(

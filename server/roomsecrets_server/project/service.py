@@ -23,7 +23,14 @@ from dataclasses import dataclass
 from .. import validate
 from ..audit import AuditLog
 from ..auth.principal import Principal
-from ..errors import EtagMismatch, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from ..errors import (
+    AlreadyExists,
+    EtagMismatch,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
 from ..secrets.service import SecretsService
 from ..store import ABSENT, ANY, SecretKey, SecretRecord, Store, WriteCondition
 from .manifests import EnvVar, Manifest, TokenSpec, obscure_references, parse_manifest, render_environment
@@ -32,6 +39,7 @@ PROJECT_ROOM = ""  # no participant token names an empty room
 KEY_TYPE = "application/vnd.roomsecrets.project-secret-key+json"
 PULL_TYPE = "application/vnd.roomsecrets.project-pull-secret+json"
 SERVICE_TYPE = "application/vnd.roomsecrets.project-service+yaml"
+_WHAT = {KEY_TYPE: "secret key", PULL_TYPE: "pull secret", SERVICE_TYPE: "service"}
 MAX_ITEMS = 10_000
 MAX_KEYS = 500
 MAX_VALUE_BYTES = 64 * 1024  # per environment value
@@ -404,7 +412,15 @@ class ProjectService:
         self, p: Principal, secret_id: str, type_: str, name: str, doc: object, condition: WriteCondition
     ) -> SecretRecord:
         record = self._secrets.seal(_key(p, secret_id), type_, name, json.dumps(doc).encode())
-        await self._store.put_secret(record, condition)
+        what = _WHAT[type_]
+        try:
+            await self._store.put_secret(record, condition)
+        except EtagMismatch:
+            if condition != ABSENT:
+                raise
+            raise AlreadyExists(f"{what} {secret_id.split(':', 1)[1]!r} already exists") from None
+        except AlreadyExists:  # the store's message names internal types: say it in project terms
+            raise AlreadyExists(f"another {what} is already named {name!r}") from None
         return record
 
     async def _list(self, p: Principal, type_: str, action: str) -> list[SecretRecord]:
