@@ -63,8 +63,9 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
-        # A stale server on the same port must make bind fail, not silently share traffic.
-        ("grpc.so_reuseport", 0),
+        # A stale server on the same port must make bind fail, not silently share traffic; only
+        # the processes of `serve --workers N` share their port on purpose (workers.py).
+        ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.keepalive_permit_without_calls", 1),

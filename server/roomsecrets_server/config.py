@@ -53,6 +53,8 @@ class Settings:
     # Seal under the active key-encryption key's next generation once it has wrapped this many
     # data keys (AES-GCM with random nonces allows 2^32; see crypto/rotation.py).
     kek_rotate_after: int = 2**30
+    # Server processes sharing the listen port (SO_REUSEPORT); more than one needs PostgreSQL.
+    workers: int = 1
 
     @property
     def max_message_bytes(self) -> int:
@@ -81,6 +83,13 @@ class Settings:
             raise ValueError(
                 f"refusing plaintext on non-loopback address {self.listen}: configure TLS "
                 "or pass --allow-insecure-remote"
+            )
+        if self.workers < 1:
+            raise ValueError("workers must be at least 1")
+        if self.workers > 1 and not self.database_url:
+            raise ValueError(
+                "--workers needs the shared PostgreSQL store (--database-url): the embedded SQLite "
+                "store serves one process, whose request streams the others could not reach"
             )
         if not 0 <= self.audit_group_window <= 1:
             raise ValueError("audit_group_window must be between 0 and 1 second")

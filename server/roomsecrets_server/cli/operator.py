@@ -24,6 +24,7 @@ from ..config import DEFAULT_LISTEN, Settings
 from ..crypto.keyring import KeyringFile
 from ..crypto.rotation import KekRotation
 from ..secrets.rewrap import rewrap_all
+from ..workers import run_workers
 from .errors import EXIT_OK, EXIT_USAGE, PROG, CliError
 
 log = logging.getLogger("roomsecrets")
@@ -149,6 +150,13 @@ def add_serve(subparsers: Any) -> None:
         help="seconds a call to an OAuth token endpoint may take (default %(default)s)",
     )
     add_kek_rotate_after(p)
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        default=env("WORKERS", str(_DEFAULTS.workers)),
+        help="server processes sharing the port (SO_REUSEPORT), to use more cores; more than 1 "
+        "needs --database-url (default %(default)s)",
+    )
     p.add_argument("--tls-cert", type=Path, default=env("TLS_CERT"), help="server certificate (PEM)")
     p.add_argument("--tls-key", type=Path, default=env("TLS_KEY"), help="server private key (PEM)")
     p.add_argument(
@@ -250,6 +258,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         database_url=args.database_url,
         audit_buffered=args.audit_buffered,
         audit_group_window=args.audit_group_window,
+        workers=args.workers,
         kek_rotate_after=args.kek_rotate_after,
     )
 
@@ -290,6 +299,13 @@ def run_serve(args: argparse.Namespace) -> int:
     for path in (settings.tls_cert, settings.tls_key, settings.tls_client_ca, *settings.jwt_public_keys):
         if path is not None and not path.is_file():
             raise CliError(f"no such file: {path}", EXIT_USAGE)
+
+    if settings.workers > 1:
+        # Fork before anything of gRPC or asyncio exists (workers.py).
+        def serve_worker(worker_settings: Settings, ready: Callable[[], None]) -> None:
+            event_loop_runner(args.no_uvloop)(serve(worker_settings, lambda _: ready()))
+
+        return run_workers(settings, serve_worker)
 
     def on_ready(server: RoomSecretsServer) -> None:
         print(ready_line(server), file=sys.stderr, flush=True)
