@@ -559,3 +559,34 @@ def test_production_key_tokens_keep_rooms_and_grants(prod: Participants, keyset:
         lambda: prod.stub.GetSecret(pb.GetSecretRequest(secret_id="scoped"), metadata=no_grant),
         grpc.StatusCode.PERMISSION_DENIED,
     )
+
+
+@pytest.mark.parametrize(
+    ("claims", "named"),
+    [
+        ({"identity": "bob\x00"}, "'name' claim"),
+        ({"identity": "b\ud800"}, "'name' claim"),
+        ({"identity": "x" * 257}, "'name' claim"),
+        ({"identity": " bob"}, "'name' claim"),
+        ({"room": "room-1\n"}, "'room' grant"),
+        ({"room": "r\udfff"}, "'room' grant"),
+        ({"project": "/" * 2700}, "'sub' claim"),
+        ({"project": "p\x7f"}, "'sub' claim"),
+    ],
+)
+def test_name_like_claims_are_checked_at_the_door(
+    room: Participants, claims: dict[str, str], named: str
+) -> None:
+    """They become store keys, stream channels and log fields: a NUL, a lone UTF-16 surrogate (a
+    JSON \\u escape) or a megabyte name once reached the store (INTERNAL), and an oversized
+    project stopped a PostgreSQL replica's notifications (the NOTIFY payload limit)."""
+    rest = dict(claims)  # the parameter is shared by both stores' runs
+    md = room.auth(rest.pop("identity", "alice"), **rest)
+    for call in (
+        lambda: room.stub.ListSecrets(pb.ListSecretsRequest(), metadata=md),
+        lambda: next(iter(room.stub.WatchRequests(pb.WatchRequestsRequest(), metadata=md, timeout=10))),
+    ):
+        with pytest.raises(grpc.RpcError) as refused:
+            call()
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert named in (refused.value.details() or "")

@@ -484,3 +484,38 @@ def test_bytes_that_are_no_request_message_are_invalid_argument_on_every_rpc(
     assert len(seen) == 32
     # And the server goes on serving.
     room.stub.SetSecret(pb.SetSecretRequest(secret_id="after", data=b"x"), metadata=room.auth("alice"))
+
+
+def test_types_the_server_keeps_cannot_be_requested_or_deleted_as_requested_secrets(
+    room: Participants,
+) -> None:
+    """An OAuth token set is stored as a secret of a reserved type, named after its endpoint and
+    delegated to the requester: answered "from storage", RequestSecret used to hand over the
+    whole set, refresh token included. Reserved types are refused wherever a caller names one."""
+    reserved, url = "application/vnd.roomsecrets.oauth-token+json", "app at https://idp.example/token"
+    calls: dict[str, Callable[[], object]] = {
+        "RequestSecret": lambda: room.stub.RequestSecret(
+            pb.RequestSecretRequest(
+                from_participant_id="bob",
+                url="app at https://idp.example/token",
+                type=reserved,
+                delegate_to="alice",
+            ),
+            metadata=room.auth("alice"),
+            timeout=10,
+        ),
+        "DeleteRequestedSecret": lambda: room.stub.DeleteRequestedSecret(
+            pb.DeleteRequestedSecretRequest(url=url, type=reserved),
+            metadata=room.auth("alice"),
+        ),
+        "SetSecret": lambda: room.stub.SetSecret(
+            pb.SetSecretRequest(secret_id="x", type=reserved, data=b"v"), metadata=room.auth("alice")
+        ),
+    }
+    for rpc, call in calls.items():
+        with pytest.raises(grpc.RpcError) as refused:
+            call()
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (rpc, refused.value.details())
+        assert "type: types starting with 'application/vnd.roomsecrets.' are kept by the server" in (
+            refused.value.details() or ""
+        ), rpc

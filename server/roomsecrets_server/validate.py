@@ -14,6 +14,9 @@ MAX_URL = 2048
 MAX_REASON = 1024
 MAX_ETAG = 128
 DEFAULT_TYPE = "application/octet-stream"
+# Types of the rows the server keeps itself (OAuth token sets, connectors, project records): no
+# caller may write, request or delete a secret of such a type through the room Secrets API.
+RESERVED_TYPE_PREFIX = "application/vnd.roomsecrets."
 
 _ID = re.compile(r"[A-Za-z0-9._~:@/+=%-]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -60,8 +63,16 @@ def text(value: str, field: str, limit: int, *, required: bool = False) -> str:
     return value
 
 
+def user_type(value: str, field: str = "type") -> str:
+    """A secret type a caller may use: not one the server keeps for its own rows."""
+    value = text(value, field, MAX_TYPE)
+    if value.startswith(RESERVED_TYPE_PREFIX):
+        raise InvalidArgument(field, f"types starting with {RESERVED_TYPE_PREFIX!r} are kept by the server")
+    return value
+
+
 def secret_type(value: str, field: str = "type", *, default: str = DEFAULT_TYPE) -> str:
-    return text(value, field, MAX_TYPE) or default
+    return user_type(value, field) or default
 
 
 def data(value: bytes, limit: int, field: str = "data") -> bytes:

@@ -10,6 +10,7 @@ whose identity the token is).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -88,16 +89,34 @@ def _scope(grants: list[Any], name: str) -> Any:
     return None
 
 
+MAX_CLAIM = 256  # characters of a name, room, project or service claim
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _claim_text(value: Any, what: str, *, required: bool = True) -> str:
+    """A name-like claim: JSON may spell anything (NUL, lone UTF-16 surrogates, megabytes), and
+    these become store keys, channel names and log fields, so they are refused at the door."""
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str) or (required and not value):
+        raise Unauthenticated(f"token has no {what}" if required else f"token {what} must be a string")
+    if len(value) > MAX_CLAIM:
+        raise Unauthenticated(f"token {what} is longer than {MAX_CLAIM} characters")
+    if _CONTROL.search(value) or value != value.strip():
+        raise Unauthenticated(f"token {what} contains control characters or surrounding spaces")
+    try:
+        value.encode()
+    except UnicodeEncodeError:  # a lone surrogate from a JSON \u escape
+        raise Unauthenticated(f"token {what} is not valid Unicode text") from None
+    return value
+
+
 def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
-    identity = claims.get("name")
-    if not isinstance(identity, str) or not identity:
-        raise Unauthenticated("token has no 'name' claim (the participant identity)")
+    identity = _claim_text(claims.get("name"), "'name' claim (the participant identity)")
     grants = claims.get("grants", [])
     if not isinstance(grants, list):
         raise Unauthenticated("token 'grants' claim must be a list")
-    room = _scope(grants, "room")
-    if not isinstance(room, str) or not room:
-        raise Unauthenticated("token has no 'room' grant")
+    room = _claim_text(_scope(grants, "room"), "'room' grant")
     role = _scope(grants, "role") or "user"
     if role not in ROLES:
         raise Unauthenticated(f"token 'role' grant must be one of {', '.join(ROLES)}")
@@ -105,7 +124,7 @@ def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
     if not isinstance(api, Mapping):
         raise Unauthenticated("token 'api' grant must be an object")
     project_role, service = _project_grant(_scope(grants, "project"))
-    project = str(claims.get("sub", ""))
+    project = _claim_text(claims.get("sub"), "'sub' claim (the project)", required=False)
     return Principal(
         identity=identity,
         project=project,
@@ -125,10 +144,9 @@ def _project_grant(raw: Any) -> tuple[str, str]:
         return "", ""
     if not isinstance(raw, Mapping) or raw.get("role") not in PROJECT_ROLES:
         raise Unauthenticated(f"token 'project' grant must have a role: one of {', '.join(PROJECT_ROLES)}")
-    service = raw.get("service", "")
-    if raw["role"] == "service" and (not isinstance(service, str) or not service):
-        raise Unauthenticated("token 'project' grant with role 'service' must name its service")
-    return str(raw["role"]), str(service) if raw["role"] == "service" else ""
+    if raw["role"] != "service":
+        return str(raw["role"]), ""
+    return "service", _claim_text(raw.get("service"), "'project' grant's service (role 'service' names one)")
 
 
 def _secrets_grant(raw: Any) -> SecretsGrant | None:

@@ -266,14 +266,30 @@ class PgNotifier:
                             pending.append(await self._outbox.get())
                         while not self._outbox.empty() and len(pending) < 100:
                             pending.append(self._outbox.get_nowait())
-                        async with conn.transaction():  # one round of notifies, one commit
-                            for payload in pending:
-                                await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
+                        try:
+                            async with conn.transaction():  # one round of notifies, one commit
+                                for payload in pending:
+                                    await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
+                        except CONNECTION_ERRORS:
+                            raise
+                        except psycopg.Error:  # one payload PostgreSQL refuses must not stop the rest
+                            await self._notify_one_by_one(conn, pending)
                         pending.clear()
             except CONNECTION_ERRORS as exc:
                 log.warning("NOTIFY connection lost (%s); retrying in %.1fs", type(exc).__name__, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+    async def _notify_one_by_one(self, conn: psycopg.AsyncConnection[Any], payloads: list[str]) -> None:
+        for payload in payloads:
+            try:
+                async with conn.transaction():
+                    await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
+            except CONNECTION_ERRORS:
+                raise
+            except psycopg.Error as exc:
+                # Other replicas' waiters still re-read their request every few seconds.
+                log.error("could not NOTIFY an event (%s); the other replicas miss it", type(exc).__name__)
 
     async def _heartbeat_forever(self) -> None:
         while True:

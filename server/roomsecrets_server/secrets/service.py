@@ -32,7 +32,7 @@ MAX_PAGE_TOKEN = 8192
 _AAD_CACHE_SIZE = 4096
 # Rows of these types are written by the server (OAuth token sets); SetSecret may not forge them
 # and GetSecret does not return them (a token set holds a refresh token).
-RESERVED_TYPE_PREFIX = "application/vnd.roomsecrets."
+RESERVED_TYPE_PREFIX = validate.RESERVED_TYPE_PREFIX
 _WRITE_ATTEMPTS = 4  # retries when a concurrent writer changed the row between read and write
 
 
@@ -121,11 +121,7 @@ class SecretsService:
             validate.secret_id(secret_id)
         elif not name:
             raise InvalidArgument("secret_id", "give secret_id, or name (with type) to address the secret")
-        type_ = validate.text(type_, "type", validate.MAX_TYPE)
-        if type_.startswith(RESERVED_TYPE_PREFIX):
-            raise InvalidArgument(
-                "type", f"types starting with {RESERVED_TYPE_PREFIX!r} are kept by the server"
-            )
+        type_ = validate.user_type(type_)
         name = validate.text(name, "name", validate.MAX_NAME)
         etag = validate.etag(etag)
         self.check_data(data, data_crc32c)
