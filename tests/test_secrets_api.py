@@ -368,6 +368,36 @@ def test_list_paginates_every_secret_exactly_once(room: Participants) -> None:
     assert pages[-1].next_page_token == ""
 
 
+@pytest.mark.parametrize("page_size", [1, 2, 3, 7, 100])
+def test_list_pages_through_owned_and_delegated_secrets_in_order(room: Participants, page_size: int) -> None:
+    """Each page is two index range scans merged (what the caller owns, what others delegated to
+    it): every page, whatever its size, lists exactly those secrets, in (owner, delegated_to, id)
+    order, each once, and nothing of anyone else."""
+    people = ["alice", "bob", "carol", "dave"]
+    expected: dict[str, list[tuple[str, str, str]]] = {p: [] for p in people}
+    pairs = [(owner, delegate) for owner in people for delegate in ["", *people] if delegate != owner]
+    for n, (owner, delegate) in enumerate(pairs):
+        for i in range(2):
+            secret_id = f"s{n}-{i}"
+            set_secret(room, room.auth(owner), secret_id=secret_id, data=b"v", delegated_to=delegate)
+            expected[owner].append((owner, delegate, secret_id))
+            if delegate:
+                expected[delegate].append((owner, delegate, secret_id))
+    for person in people:
+        md, token, listed = room.auth(person), "", []
+        while True:
+            page = room.stub.ListSecrets(
+                pb.ListSecretsRequest(page_size=page_size, page_token=token), metadata=md
+            )
+            assert len(page.secrets) <= page_size
+            listed += [(s.delegated_by or person, s.delegated_to, s.id) for s in page.secrets]
+            assert len(listed) <= len(expected[person]), f"{person}: pages repeat secrets"
+            token = page.next_page_token
+            if not token:
+                break
+        assert listed == sorted(expected[person]), person
+
+
 def test_list_exact_multiple_of_page_size_ends(room: Participants) -> None:
     md = room.auth("alice")
     for i in range(4):

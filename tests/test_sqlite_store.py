@@ -4,6 +4,7 @@ file out from under the server."""
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import subprocess
 import sys
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import pytest
 from roomsecrets.v1 import room_secrets_pb2 as pb
+from roomsecrets_server.store import sqlite as store
+from roomsecrets_server.store.base import listing_queries
 
 from .harness import Participants
 
@@ -89,3 +92,33 @@ def test_reads_survive_another_process_opening_and_closing_the_database(room: Pa
         assert room.stub.GetSecret(pb.GetSecretRequest(secret_id="k"), metadata=alice).data == b"v"
         reads += 1
     assert other.returncode == 0
+
+
+# -- query plans: reads whose cost must not grow with the store ---------------------------------------
+def plan(db: Path, sql: str, args: tuple[object, ...]) -> str:
+    with closing(sqlite3.connect(db)) as conn:
+        return " | ".join(str(row[-1]) for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", args))
+
+
+def test_lookups_listings_and_startup_probes_are_index_searches(room: Participants) -> None:
+    """Found by the benchmark suite: `(type=? OR ?='')`, `owner=? OR delegated_to=?` and a GROUP BY
+    over every value made lookups by name, listing pages, DeleteRequestedSecret and start-up cost
+    grow with the whole store. Each statement is now an index search, never a scan."""
+    room.stub.SetSecret(pb.SetSecretRequest(secret_id="s", name="n", data=b"v"), metadata=room.auth("alice"))
+    db = room.server.settings.data_dir / "roomsecrets.db"
+    key = ("p/r", "alice", "", "n")
+    statements: dict[str, tuple[str, tuple[object, ...]]] = {
+        "by name and type": (store.FIND_BY_NAME_AND_TYPE, (*key, "t")),
+        "by name alone": (store.FIND_BY_NAME, key),
+        "delete requested, owned": (store.DELETE_OWNED_BY_NAME, (*key, "t")),
+        "delete requested, delegated": (store.DELETE_DELEGATED_BY_NAME, ("p/r", "bob", "n", "t")),
+        "start-up key probe": (store.NEXT_KEK_SAMPLE, ("",)),
+    }
+    for after in (None, ("alice", "bob", "x"), ("bob", "", "x")):
+        for n, query in enumerate(listing_queries(store._LISTED_COLUMNS, "p/r", "bob", after, 10)):
+            statements[f"listing after {after}, {n}"] = query
+    for what, (sql, args) in statements.items():
+        shown = plan(db, sql, args)
+        assert "SEARCH" in shown and "SCAN" not in shown, f"{what}: {shown}"
+        # Narrowed to one participant's rows (or one key id), not a range of the whole room.
+        assert re.search(r"\((room=\? AND (owner|delegated_to)=\?|kek_id>\?)", shown), f"{what}: {shown}"

@@ -95,7 +95,8 @@ class Store(Protocol):
         self, room: str, identity: str, after: tuple[str, str, str] | None, limit: int
     ) -> list[SecretRecord]:
         """Secrets owned by or delegated to `identity`, ordered by (owner, delegated_to, secret_id),
-        starting after that key."""
+        starting after that key. Metadata only: `sealed` is empty (a listing never opens values,
+        and reading them would make a page cost grow with their size)."""
         ...
 
     async def list_owned(self, room: str, owner: str, type_: str, limit: int) -> list[SecretRecord]:
@@ -206,3 +207,50 @@ def request_from_row(row: tuple[Any, ...]) -> RequestRecord:
         secret_id=row[12],
         params=bytes(row[13]),  # PostgreSQL hands bytea back as memoryview
     )
+
+
+def listing_queries(
+    columns: str, room: str, identity: str, after: tuple[str, str, str] | None, limit: int
+) -> list[tuple[str, tuple[object, ...]]]:
+    """The statements (with `?` placeholders) of one list_secrets page, each an index range scan:
+    what `identity` owns (primary key order), and what others delegated to it (secrets_by_delegate
+    order), each after the cursor. An `owner=? OR delegated_to=?` filter would instead walk the
+    rows of every owner sorting after the cursor, other participants' included."""
+    after_owner, after_delegate, after_id = after or ("", "", "")
+    queries: list[tuple[str, tuple[object, ...]]] = []
+    if after_owner <= identity:
+        start = (after_delegate, after_id) if after_owner == identity else ("", "")
+        queries.append(
+            (
+                f"SELECT {columns} FROM secrets WHERE room=? AND owner=? "
+                "AND (delegated_to, secret_id) > (?,?) ORDER BY delegated_to, secret_id LIMIT ?",
+                (room, identity, *start, limit),
+            )
+        )
+    # Rows delegated to identity sort as (owner, identity, secret_id): after the cursor if owner is
+    # greater, or equal with (identity, secret_id) greater (decided here, not by the database's
+    # collation of two parameters).
+    same_owner: tuple[str, tuple[object, ...]] = (
+        ("TRUE", ())
+        if identity > after_delegate
+        else ("secret_id > ?", (after_id,))
+        if identity == after_delegate
+        else ("FALSE", ())
+    )
+    queries.append(
+        (
+            f"SELECT {columns} FROM secrets WHERE room=? AND delegated_to=? AND delegated_to <> '' "
+            "AND owner <> ? AND owner >= ? "
+            f"AND (owner > ? OR {same_owner[0]}) ORDER BY owner, secret_id LIMIT ?",
+            (room, identity, identity, after_owner, after_owner, *same_owner[1], limit),
+        )
+    )
+    return queries
+
+
+def merge_listing(pages: list[list[SecretRecord]], limit: int) -> list[SecretRecord]:
+    """One list_secrets page from the results of listing_queries."""
+    rows = sorted(
+        (r for page in pages for r in page), key=lambda r: (r.key.owner, r.key.delegated_to, r.key.secret_id)
+    )
+    return rows[:limit]

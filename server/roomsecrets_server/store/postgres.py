@@ -30,7 +30,16 @@ import psycopg_pool
 from psycopg import errors as pg_errors
 
 from ..errors import AlreadyExists, EtagMismatch, Unavailable
-from .base import ANY, RequestRecord, RequestState, SecretKey, SecretRecord, WriteCondition
+from .base import (
+    ANY,
+    RequestRecord,
+    RequestState,
+    SecretKey,
+    SecretRecord,
+    WriteCondition,
+    listing_queries,
+    merge_listing,
+)
 from .base import request_from_row as _request
 from .base import secret_from_row as _secret
 
@@ -109,6 +118,13 @@ MIGRATIONS: tuple[str, ...] = (
       wraps BIGINT NOT NULL
     );
     """,
+    # 4: (name, type) rather than (type, name): the same uniqueness, and a lookup by name alone
+    # is an index range too
+    """
+    CREATE UNIQUE INDEX secrets_by_name_type
+      ON secrets (room, owner, delegated_to, name, type) WHERE name <> '';
+    DROP INDEX secrets_by_name;
+    """,
 )
 # Any constant: the key of the advisory lock that serialises migrations between replicas.
 _MIGRATION_LOCK = 0x726F6F6D73656372  # "roomsecr"
@@ -116,6 +132,7 @@ _MIGRATION_LOCK = 0x726F6F6D73656372  # "roomsecr"
 _VALUE_COLUMNS = (
     "room, owner, delegated_to, secret_id, type, name, etag, crc32c, size, sealed, update_time, kek_id"
 )
+_LISTED_COLUMNS = _VALUE_COLUMNS.replace("sealed", "''::bytea AS sealed")  # listings never read values
 _REQUEST_COLUMNS = (
     "request_id, room, kind, requested_by, target, url, type, delegate_to, state, reason, created, deadline, "
     "secret_id, params"
@@ -311,26 +328,24 @@ class PostgresStore:
     async def find_secrets(
         self, room: str, owner: str, delegated_to: str, type_: str, name: str
     ) -> list[SecretRecord]:
-        rows = await self._all(
-            f"SELECT {_VALUE_COLUMNS} FROM secrets "
-            "WHERE room=%s AND owner=%s AND delegated_to=%s AND (type=%s OR %s='') AND name=%s "
-            "AND name <> '' ORDER BY type LIMIT 2",
-            (room, owner, delegated_to, type_, type_, name),
-        )
-        return [_secret(r) for r in rows]
+        # Two statements, not `(type=%s OR %s='')`, which no index can serve.
+        where = "room=%s AND owner=%s AND delegated_to=%s AND name=%s AND name <> ''"
+        args: tuple[str, ...]
+        if type_:
+            sql, args = f"{where} AND type=%s", (room, owner, delegated_to, name, type_)
+        else:
+            sql, args = f"{where} ORDER BY type LIMIT 2", (room, owner, delegated_to, name)
+        return [
+            _secret(r) for r in await self._all(f"SELECT {_VALUE_COLUMNS} FROM secrets WHERE {sql}", args)
+        ]
 
     async def list_secrets(
         self, room: str, identity: str, after: tuple[str, str, str] | None, limit: int
     ) -> list[SecretRecord]:
-        start = after or ("", "", "")
-        rows = await self._all(
-            f"SELECT {_VALUE_COLUMNS} FROM secrets "
-            "WHERE room=%s AND (owner=%s OR delegated_to=%s) "
-            "AND (owner, delegated_to, secret_id) > (%s,%s,%s) "
-            "ORDER BY owner, delegated_to, secret_id LIMIT %s",
-            (room, identity, identity, *start, limit),
-        )
-        return [_secret(r) for r in rows]
+        pages = []
+        for sql, args in listing_queries(_LISTED_COLUMNS, room, identity, after, limit):
+            pages.append([_secret(r) for r in await self._all(sql.replace("?", "%s"), args)])
+        return merge_listing(pages, limit)
 
     async def list_owned(self, room: str, owner: str, type_: str, limit: int) -> list[SecretRecord]:
         rows = await self._all(
@@ -358,12 +373,21 @@ class PostgresStore:
         self, room: str, owners_or_delegate: str, delegated_to: str, type_: str, name: str
     ) -> int:
         async with self._write() as conn:
+            # Owned (secrets_by_name_type), then, if it is the delegation asked for, delegated to
+            # the caller (secrets_by_delegate): an OR of the two would scan the whole room.
             cur = await conn.execute(
-                "DELETE FROM secrets WHERE room=%s AND delegated_to=%s AND type=%s AND name=%s "
-                "AND (owner=%s OR delegated_to=%s)",
-                (room, delegated_to, type_, name, owners_or_delegate, owners_or_delegate),
+                "DELETE FROM secrets WHERE room=%s AND owner=%s AND delegated_to=%s AND name=%s AND type=%s",
+                (room, owners_or_delegate, delegated_to, name, type_),
             )
-            return cur.rowcount
+            count = cur.rowcount
+            if delegated_to == owners_or_delegate:
+                cur = await conn.execute(
+                    "DELETE FROM secrets WHERE room=%s AND delegated_to=%s AND delegated_to <> '' "
+                    "AND name=%s AND type=%s",
+                    (room, delegated_to, name, type_),
+                )
+                count += cur.rowcount
+            return count
 
     # -- requests -----------------------------------------------------------------------------
     async def create_request(self, record: RequestRecord) -> None:
@@ -470,8 +494,14 @@ class PostgresStore:
         return [(SecretKey(r[0], r[1], r[2], r[3]), bytes(r[4])) for r in rows]
 
     async def kek_samples(self) -> dict[str, bytes]:
-        rows = await self._all("SELECT DISTINCT ON (kek_id) kek_id, sealed FROM secrets ORDER BY kek_id", ())
-        return {str(r[0]): bytes(r[1]) for r in rows}
+        # One index probe per distinct key (a few), not a pass over every value's index entry.
+        samples: dict[str, bytes] = {}
+        while row := await self._one(
+            "SELECT kek_id, sealed FROM secrets WHERE kek_id > %s ORDER BY kek_id LIMIT 1",
+            (max(samples, default=""),),
+        ):
+            samples[str(row[0])] = bytes(row[1])
+        return samples
 
     async def reserve_wraps(self, kek_id: str, count: int) -> int:
         async with self._write() as conn:

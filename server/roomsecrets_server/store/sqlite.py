@@ -21,7 +21,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..errors import AlreadyExists, EtagMismatch, Unavailable
-from .base import ANY, RequestRecord, RequestState, SecretKey, SecretRecord, WriteCondition
+from .base import (
+    ANY,
+    RequestRecord,
+    RequestState,
+    SecretKey,
+    SecretRecord,
+    WriteCondition,
+    listing_queries,
+    merge_listing,
+)
 from .base import request_from_row as _request
 from .base import secret_from_row as _secret
 
@@ -43,8 +52,11 @@ CREATE TABLE IF NOT EXISTS secrets (
   update_time REAL NOT NULL,
   PRIMARY KEY (room, owner, delegated_to, secret_id)
 ) WITHOUT ROWID;
-CREATE UNIQUE INDEX IF NOT EXISTS secrets_by_name
-  ON secrets (room, owner, delegated_to, type, name) WHERE name != '';
+-- (name, type) rather than (type, name): the same uniqueness, and a lookup by name alone (no
+-- type given) is then an index range too. Created before the old order is dropped.
+CREATE UNIQUE INDEX IF NOT EXISTS secrets_by_name_type
+  ON secrets (room, owner, delegated_to, name, type) WHERE name != '';
+DROP INDEX IF EXISTS secrets_by_name;
 CREATE INDEX IF NOT EXISTS secrets_by_delegate
   ON secrets (room, delegated_to, owner, secret_id) WHERE delegated_to != '';
 CREATE INDEX IF NOT EXISTS secrets_by_kek ON secrets (kek_id);
@@ -85,6 +97,22 @@ CREATE TABLE IF NOT EXISTS kek_wraps (
 _VALUE_COLUMNS = (
     "room, owner, delegated_to, secret_id, type, name, etag, crc32c, size, sealed, update_time, kek_id"
 )
+_LISTED_COLUMNS = _VALUE_COLUMNS.replace("sealed", "x'' AS sealed")  # listings never read values
+# Index searches all (tests/test_sqlite_store.py checks their plans): `(type=? OR ?='')` or
+# `owner=? OR delegated_to=?` would make them scan, so each case is its own statement.
+_BY_NAME = (
+    f"SELECT {_VALUE_COLUMNS} FROM secrets "
+    "WHERE room=? AND owner=? AND delegated_to=? AND name=? AND name != ''"
+)
+FIND_BY_NAME_AND_TYPE = f"{_BY_NAME} AND type=?"
+FIND_BY_NAME = f"{_BY_NAME} ORDER BY type LIMIT 2"
+DELETE_OWNED_BY_NAME = "DELETE FROM secrets WHERE room=? AND owner=? AND delegated_to=? AND name=? AND type=?"
+# Without statistics the planner prefers the primary key's `room=?` range here: the whole room.
+DELETE_DELEGATED_BY_NAME = (
+    "DELETE FROM secrets INDEXED BY secrets_by_delegate "
+    "WHERE room=? AND delegated_to=? AND delegated_to != '' AND name=? AND type=?"
+)
+NEXT_KEK_SAMPLE = "SELECT kek_id, sealed FROM secrets WHERE kek_id > ? ORDER BY kek_id LIMIT 1"
 _REQUEST_COLUMNS = (
     "request_id, room, kind, requested_by, target, url, type, delegate_to, state, reason, created, deadline, "
     "secret_id, params"
@@ -325,25 +353,17 @@ class SqliteStore:
     async def find_secrets(
         self, room: str, owner: str, delegated_to: str, type_: str, name: str
     ) -> list[SecretRecord]:
-        rows = self._all(
-            f"SELECT {_VALUE_COLUMNS} FROM secrets "
-            "WHERE room=? AND owner=? AND delegated_to=? AND (type=? OR ?='') AND name=? AND name != '' "
-            "ORDER BY type LIMIT 2",
-            (room, owner, delegated_to, type_, type_, name),
-        )
+        if type_:
+            rows = self._all(FIND_BY_NAME_AND_TYPE, (room, owner, delegated_to, name, type_))
+        else:
+            rows = self._all(FIND_BY_NAME, (room, owner, delegated_to, name))
         return [_secret(r) for r in rows]
 
     async def list_secrets(
         self, room: str, identity: str, after: tuple[str, str, str] | None, limit: int
     ) -> list[SecretRecord]:
-        start = after or ("", "", "")
-        rows = self._all(
-            f"SELECT {_VALUE_COLUMNS} FROM secrets "
-            "WHERE room=? AND (owner=? OR delegated_to=?) AND (owner, delegated_to, secret_id) > (?,?,?) "
-            "ORDER BY owner, delegated_to, secret_id LIMIT ?",
-            (room, identity, identity, *start, limit),
-        )
-        return [_secret(r) for r in rows]
+        queries = listing_queries(_LISTED_COLUMNS, room, identity, after, limit)
+        return merge_listing([[_secret(r) for r in self._all(sql, args)] for sql, args in queries], limit)
 
     async def list_owned(self, room: str, owner: str, type_: str, limit: int) -> list[SecretRecord]:
         rows = self._all(
@@ -371,12 +391,14 @@ class SqliteStore:
         self, room: str, owners_or_delegate: str, delegated_to: str, type_: str, name: str
     ) -> int:
         def job(conn: sqlite3.Connection) -> int:
-            cur = conn.execute(
-                "DELETE FROM secrets WHERE room=? AND delegated_to=? AND type=? AND name=? "
-                "AND (owner=? OR delegated_to=?)",
-                (room, delegated_to, type_, name, owners_or_delegate, owners_or_delegate),
-            )
-            return cur.rowcount
+            # Owned (secrets_by_name_type), then, if it is the delegation asked for, delegated to
+            # the caller (secrets_by_delegate): an OR of the two would scan the whole room.
+            count = conn.execute(
+                DELETE_OWNED_BY_NAME, (room, owners_or_delegate, delegated_to, name, type_)
+            ).rowcount
+            if delegated_to == owners_or_delegate:
+                count += conn.execute(DELETE_DELEGATED_BY_NAME, (room, delegated_to, name, type_)).rowcount
+            return count
 
         return await self._writer.run(job)
 
@@ -494,9 +516,11 @@ class SqliteStore:
         return [(SecretKey(r[0], r[1], r[2], r[3]), r[4]) for r in rows]
 
     async def kek_samples(self) -> dict[str, bytes]:
-        # SQLite returns the bare column from one row of each group; secrets_by_kek serves it.
-        rows = self._all("SELECT kek_id, sealed FROM secrets GROUP BY kek_id", ())
-        return {str(r[0]): bytes(r[1]) for r in rows}
+        # One index probe per distinct key (a few), not a GROUP BY over every value's index entry.
+        samples: dict[str, bytes] = {}
+        while row := self._one(NEXT_KEK_SAMPLE, (max(samples, default=""),)):
+            samples[str(row[0])] = bytes(row[1])
+        return samples
 
     async def reserve_wraps(self, kek_id: str, count: int) -> int:
         def job(conn: sqlite3.Connection) -> int:
