@@ -66,6 +66,7 @@ lint: $(VENV)/.installed
 bench: $(VENV)/.installed $(TOOLS)/ghz
 	$(PY) -m bench.run
 	$(PY) -m bench.scaleout
+	$(PY) -m bench.scenarios
 
 clean:
 	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache
