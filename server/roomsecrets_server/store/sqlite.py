@@ -153,54 +153,61 @@ def _check_condition(conn: sqlite3.Connection, key: SecretKey, condition: WriteC
             raise EtagMismatch(f"etag does not match the current version of secret {key.secret_id!r}")
 
 
+_UPSERT = (
+    f"INSERT INTO secrets ({_VALUE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "
+    "ON CONFLICT (room, owner, delegated_to, secret_id) DO UPDATE SET type=excluded.type, "
+    "name=excluded.name, etag=excluded.etag, crc32c=excluded.crc32c, size=excluded.size, "
+    "sealed=excluded.sealed, update_time=excluded.update_time, kek_id=excluded.kek_id"
+)
+_INSERT_IF_ABSENT = (
+    f"INSERT INTO secrets ({_VALUE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "
+    "ON CONFLICT (room, owner, delegated_to, secret_id) DO NOTHING"
+)
+_UPDATE_IF_ETAG = (
+    "UPDATE secrets SET type=?, name=?, etag=?, crc32c=?, size=?, sealed=?, update_time=?, kek_id=? "
+    "WHERE room=? AND owner=? AND delegated_to=? AND secret_id=? AND etag=?"
+)
+
+
 def _put(conn: sqlite3.Connection, record: SecretRecord, condition: WriteCondition) -> None:
-    # An upsert on the primary key only: a clash on the (type, name) index must fail, never
-    # replace the other secret (INSERT OR REPLACE would silently delete it).
-    _check_condition(conn, record.key, condition)
-    k = record.key
+    """One statement, whose condition is part of it: it writes, or it changes nothing and raises
+    (so the writer needs no savepoint around it). Only the primary key may be upserted: a clash
+    on the name index must fail, never replace the other secret (INSERT OR REPLACE would)."""
+    k, r = record.key, record
+    fields = (r.type, r.name, r.etag, r.crc32c, r.size, r.sealed, r.update_time, r.kek_id)
     try:
-        conn.execute(
-            f"INSERT INTO secrets ({_VALUE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "
-            "ON CONFLICT (room, owner, delegated_to, secret_id) DO UPDATE SET type=excluded.type, "
-            "name=excluded.name, etag=excluded.etag, crc32c=excluded.crc32c, size=excluded.size, "
-            "sealed=excluded.sealed, update_time=excluded.update_time, kek_id=excluded.kek_id",
-            (
-                k.room,
-                k.owner,
-                k.delegated_to,
-                k.secret_id,
-                record.type,
-                record.name,
-                record.etag,
-                record.crc32c,
-                record.size,
-                record.sealed,
-                record.update_time,
-                record.kek_id,
-            ),
-        )
+        if condition.etag is not None:
+            written = conn.execute(_UPDATE_IF_ETAG, (*fields, *k, condition.etag)).rowcount
+        else:
+            sql = _INSERT_IF_ABSENT if condition.absent else _UPSERT
+            written = conn.execute(sql, (*k, *fields)).rowcount
     except sqlite3.IntegrityError:
-        raise AlreadyExists(
-            f"another secret already has type {record.type!r} and name {record.name!r}"
-        ) from None
+        raise AlreadyExists(f"another secret already has type {r.type!r} and name {r.name!r}") from None
+    if not written:  # the condition failed (the rare path: look why, for the message)
+        _check_condition(conn, k, condition)
+        raise EtagMismatch(f"secret {k.secret_id!r} changed while it was written")
+
+
+Job = Callable[[sqlite3.Connection], Any]
 
 
 class _Writer:
-    """One thread owning the write connection; group-commits queued jobs."""
+    """One thread owning the write connection; group-commits queued jobs. A job runs inside a
+    savepoint, so that one that fails halfway is undone alone, unless it is a single statement
+    (`savepoint=False`), which SQLite already undoes by itself when it fails."""
 
     MAX_BATCH = 256
 
     def __init__(self, path: Path) -> None:
         self._conn = _connect(path)
         self._conn.executescript(SCHEMA)
-        self._jobs: queue.SimpleQueue[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]] | None]
-        self._jobs = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[Job, bool, asyncio.Future[Any]] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="sqlite-writer", daemon=True)
         self._thread.start()
 
-    async def run(self, job: Callable[[sqlite3.Connection], T]) -> T:
+    async def run(self, job: Callable[[sqlite3.Connection], T], *, savepoint: bool = True) -> T:
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._jobs.put((job, future))
+        self._jobs.put((job, savepoint, future))
         return await future
 
     def close(self) -> None:
@@ -226,27 +233,39 @@ class _Writer:
                 batch.append(nxt)
             self._commit(batch)
 
-    def _commit(self, batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]]) -> None:
+    def _commit(self, batch: list[tuple[Job, bool, asyncio.Future[Any]]]) -> None:
         conn = self._conn
         outcomes: list[tuple[bool, Any]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for job, _ in batch:
-                conn.execute("SAVEPOINT job")
+            for job, savepoint, _ in batch:
+                if savepoint:
+                    conn.execute("SAVEPOINT job")
                 try:
                     outcomes.append((True, job(conn)))
                 except Exception as exc:  # the job's own failure: undo just this job
-                    conn.execute("ROLLBACK TO job")
+                    if savepoint:
+                        conn.execute("ROLLBACK TO job")
                     outcomes.append((False, exc))
-                conn.execute("RELEASE job")
+                if savepoint:
+                    conn.execute("RELEASE job")
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             failure = Unavailable(f"store write failed: {type(exc).__name__}")
             outcomes = [(False, failure)] * len(batch)
-        for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
-            future.get_loop().call_soon_threadsafe(_resolve, future, ok, value)
+        # One wake-up per event loop (there is one) for the whole batch, not one per job.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
+        for (_, _, future), (ok, value) in zip(batch, outcomes, strict=True):
+            by_loop.setdefault(future.get_loop(), []).append((future, ok, value))
+        for loop, results in by_loop.items():
+            loop.call_soon_threadsafe(_resolve_all, results)
+
+
+def _resolve_all(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for future, ok, value in results:
+        _resolve(future, ok, value)
 
 
 def _resolve(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
@@ -374,7 +393,7 @@ class SqliteStore:
         return [_secret(r) for r in rows]
 
     async def put_secret(self, record: SecretRecord, condition: WriteCondition) -> None:
-        await self._writer.run(lambda conn: _put(conn, record, condition))
+        await self._writer.run(lambda conn: _put(conn, record, condition), savepoint=False)
 
     async def delete_secret(self, key: SecretKey, condition: WriteCondition) -> bool:
         def job(conn: sqlite3.Connection) -> bool:
@@ -385,7 +404,8 @@ class SqliteStore:
             )
             return cur.rowcount > 0
 
-        return await self._writer.run(job)
+        # The check only reads and raises before the one statement that writes: no savepoint.
+        return await self._writer.run(job, savepoint=False)
 
     async def delete_secrets_by_name(
         self, room: str, owners_or_delegate: str, delegated_to: str, type_: str, name: str
