@@ -14,9 +14,10 @@ batch stays open for up to `group_window` seconds, and is written at the end of 
 which it holds as many lines as the last window that ran its full length collected: that is how
 many calls were arriving together. So a lone caller (the last full window held one line) pays no
 wait, two callers wait only for each other, and under load dozens of calls share one write and
-are resumed together, so their replies leave together too. Every 32nd batch runs its full window
-to learn the current concurrency again. `group_window=0` writes each iteration's lines at its
-end. Measured in bench/README.md.
+are resumed together, so their replies leave together too. Now and then a batch runs its full
+window to learn the current concurrency again: every 32nd while calls arrive together, backing off
+to every 1,024th while they arrive alone (a lone caller pays that window). `group_window=0`
+writes each iteration's lines at its end. Measured in bench/README.md.
 
 Buffered (`--audit-buffered`): lines are kept as tuples and written every half second, which costs
 the hot path a list append, at the price of losing up to half a second of lines in a crash and of
@@ -43,7 +44,8 @@ Entry = tuple[float | str, ...]
 class AuditLog:
     FLUSH_SECONDS = 0.5
 
-    LEARN_EVERY = 32
+    LEARN_EVERY = 32  # batches between full windows while calls arrive together
+    LEARN_AT_MOST_EVERY = 1024  # ... backing off to this while they arrive alone
 
     def __init__(self, path: Path | None, *, fail_closed: bool = True, group_window: float = 0.002) -> None:
         self._fd: int | None = None
@@ -60,6 +62,8 @@ class AuditLog:
         self._timer: asyncio.TimerHandle | None = None
         self._batch_size = 1  # lines the last full window collected
         self._batches = 0
+        self._next_learning = self.LEARN_EVERY  # the batch number that runs its full window
+        self._last_learning = 0
         self._closing = False  # the batch is full: its write is scheduled for this iteration
 
     async def record(
@@ -116,7 +120,7 @@ class AuditLog:
         self._buffer.append(entry)
         if self._closing:
             return
-        learning = (self._batches + 1) % self.LEARN_EVERY == 0
+        learning = self._batches + 1 >= self._next_learning
         if self._window > 0 and (learning or len(self._buffer) < self._batch_size):
             if self._timer is None:
                 self._timer = asyncio.get_running_loop().call_later(self._window, self._window_closed)
@@ -131,6 +135,13 @@ class AuditLog:
     def _window_closed(self) -> None:
         self._timer = None
         self._batch_size = max(1, len(self._buffer))
+        # A lone caller pays the whole window whenever it learns: learn less and less often
+        # while every full window finds one line.
+        interval = self.LEARN_EVERY
+        if self._batch_size == 1:
+            interval = min(2 * (self._next_learning - self._last_learning), self.LEARN_AT_MOST_EVERY)
+        self._last_learning = self._batches + 1
+        self._next_learning = self._last_learning + max(interval, self.LEARN_EVERY)
         self._write_batch()
 
     def _write_batch(self) -> None:
