@@ -261,3 +261,14 @@ def test_every_read_write_delete_request_and_answer_is_a_structured_line(
         assert {"ts", "action", "room", "actor", "outcome"} <= entry.keys()
         assert entry["room"] == "dev-project/room-1"  # the room, qualified by its project
     assert b"given" not in (data_dir / "audit.log").read_bytes()
+
+
+async def test_a_lone_caller_relearns_less_and_less_often(tmp_path: Path) -> None:
+    """Each full window costs a lone caller the window: once windows keep finding one line, they
+    come every 32nd, 64th, 128th, ... batch (up to every 1,024th), not every 32nd."""
+    window = 0.05
+    audit = AuditLog(tmp_path / "audit.log", group_window=window)
+    waited = [await staggered(audit, 1, gap=0) >= window / 2 for _ in range(300)]
+    await audit.close()
+    learned_at = [i + 1 for i, w in enumerate(waited) if w]
+    assert learned_at == [32, 96, 224], learned_at
