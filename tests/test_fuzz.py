@@ -653,18 +653,18 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-_field_numbers = st.integers(1, 2**29 - 1)
-# Well-formed fields WatchRequestsRequest does not declare (a newer client's): varint and bytes.
+_field_no = st.integers(1, 2**29 - 1)
+# Well-formed fields a request message does not declare (a newer client's), of every wire type.
 unknown_fields = st.lists(
     st.one_of(
-        st.tuples(_field_numbers, st.integers(0, 2**64 - 1)).map(
-            lambda t: _varint(t[0] << 3) + _varint(t[1])
-        ),
-        st.tuples(_field_numbers, st.binary(max_size=64)).map(
+        st.tuples(_field_no, st.integers(0, 2**64 - 1)).map(lambda t: _varint(t[0] << 3) + _varint(t[1])),
+        st.tuples(_field_no, st.binary(max_size=64)).map(
             lambda t: _varint(t[0] << 3 | 2) + _varint(len(t[1])) + t[1]
         ),
+        st.tuples(_field_no, st.binary(min_size=4, max_size=4)).map(lambda t: _varint(t[0] << 3 | 5) + t[1]),
+        st.tuples(_field_no, st.binary(min_size=8, max_size=8)).map(lambda t: _varint(t[0] << 3 | 1) + t[1]),
     ),
-    max_size=3,
+    max_size=4,
 ).map(b"".join)
 # The caller is the input of WatchRequests: a token's name, room and role, with or without grants.
 # A token is JSON, so its claims may hold what protobuf strings cannot: lone surrogates.

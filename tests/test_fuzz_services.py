@@ -39,7 +39,17 @@ from .harness import Participants, ServerThread
 from .oauth_provider import OAuthProvider
 from .test_abuse import rss_kib
 from .test_bad_input import violations
-from .test_fuzz import DELIBERATE, call, check_error, data, numbers, still_serving, texts  # noqa: F401
+from .test_fuzz import (  # noqa: F401
+    DELIBERATE,
+    call,
+    check_error,
+    data,
+    numbers,
+    still_serving,
+    surrogates,  # Unicode that YAML's escapes can spell but protobuf cannot carry
+    texts,
+    unknown_fields,
+)
 from .test_oauth import CLIENT_SECRET, REDIRECT, client_config
 from .test_project import DB, MANIFEST, OPENAI, REGISTRY_PASSWORD, ROOM_SECRET, TEMPLATE
 from .test_requests import Watcher
@@ -267,32 +277,6 @@ urls = st.one_of(
     ),
     st.sampled_from(["https://a.example/#frag", "http://evil.example/", "https://" + "a" * 2048]),
 )
-# Unicode that YAML's escapes can spell but protobuf cannot carry: lone surrogates.
-surrogates = st.text(st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), min_size=1, max_size=3)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        out.append(low | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-_field_no = st.integers(1, 2**29 - 1)
-# Well-formed fields that no version of an empty request message declares (a newer client's).
-unknown_fields = st.lists(
-    st.one_of(
-        st.tuples(_field_no, st.integers(0, 2**64 - 1)).map(lambda t: _varint(t[0] << 3) + _varint(t[1])),
-        st.tuples(_field_no, st.binary(max_size=64)).map(
-            lambda t: _varint(t[0] << 3 | 2) + _varint(len(t[1])) + t[1]
-        ),
-        st.tuples(_field_no, st.binary(min_size=4, max_size=4)).map(lambda t: _varint(t[0] << 3 | 5) + t[1]),
-        st.tuples(_field_no, st.binary(min_size=8, max_size=8)).map(lambda t: _varint(t[0] << 3 | 1) + t[1]),
-    ),
-    max_size=4,
-).map(b"".join)
 
 
 def markers(kind: str) -> st.SearchStrategy[str]:
