@@ -22,7 +22,6 @@ import os
 import platform
 import signal
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -32,9 +31,10 @@ from typing import Any
 
 import grpc
 
-from ._common import BENCH_DIR, REPO_ROOT, log
+from ._common import BENCH_DIR, log
 from .fixture import Workspace, check_echo, seed, start_echo, start_real, workspace
 from .ghz import find_ghz, ghz_command, ghz_version
+from .machine import git
 from .measure import Case, Load, Measurement, measure
 from .procs import ServerProcess, can_pin
 
@@ -205,8 +205,8 @@ def run_meta(
     return {
         "command": " ".join([Path(sys.executable).name, "-m", "bench.run", *sys.argv[1:]]),
         "ghz_example": " ".join(example).replace(ws.token, "<token>"),
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "python": sys.version.split()[0],
         "grpcio": grpc.__version__,
         "platform": platform.platform(),
@@ -228,16 +228,6 @@ def run_meta(
         "get_response_bytes": ws.get_response_file.stat().st_size,
         "set_response_bytes": ws.set_response_file.stat().st_size,
     }
-
-
-def _git(*argv: str) -> str:
-    try:
-        done = subprocess.run(
-            ["git", *argv], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    return done.stdout.strip()
 
 
 # -- the report -----------------------------------------------------------------------------------
