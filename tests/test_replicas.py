@@ -4,6 +4,7 @@ them, exactly-once expiry and cancellation, and faults (a replica killed, Postgr
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import os
@@ -22,8 +23,9 @@ import grpc
 import pytest
 from roomsecrets.v1 import room_secrets_pb2 as pb
 from roomsecrets_server.config import Settings
+from roomsecrets_server.requests.pg_notifier import PgNotifier
 
-from .harness import Participants, ServerThread
+from .harness import Participants, ServerThread, test_settings
 from .postgres import PostgresCluster
 from .test_requests import Watcher, error_reason
 from .test_requests import ask as ask_one
@@ -393,3 +395,35 @@ def test_postgres_restart_gives_unavailable_then_recovers_with_every_acknowledge
     finally:
         cluster.close()
         pg.destroy()
+
+
+@pytest.mark.postgres_only
+def test_a_notify_postgresql_refuses_does_not_stop_the_replicas_notifications(
+    data_dir: Path, database_url: str, watchers: list[Watcher]
+) -> None:
+    """PostgreSQL refuses a NOTIFY payload over 8000 bytes. One such event (an oversized token
+    once made one) used to end the replica's sending loop silently: from then on the other
+    replicas heard nothing from it. Now only that payload is dropped."""
+    a = ServerThread(test_settings(data_dir, database_url=database_url)).start()
+    b = ServerThread(test_settings(data_dir, database_url=database_url)).start()  # same keys
+    room_a, room_b = Participants(a), Participants(b)
+    try:
+        assert a.server is not None
+        notifier = cast(PgNotifier, a.server.requests._notifier)
+
+        async def refused() -> None:
+            notifier.request_changed("x" * 9000)
+            await asyncio.sleep(0.5)  # sent, and refused
+
+        a.call(refused())
+        bob = Watcher(room_b, "bob")
+        watchers.append(bob)
+        waiting = in_background(lambda: ask(room_a))  # opened on A: B hears it only by NOTIFY
+        inbound = bob.wait_for(lambda e: e.HasField("secret_request")).secret_request
+        provide(room_b, inbound.request_id, b"heard")
+        assert waiting.result(20).data == b"heard"
+    finally:
+        room_a.close()
+        room_b.close()
+        a.stop()
+        b.stop()
