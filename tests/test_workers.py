@@ -161,3 +161,23 @@ def test_sqlite_refuses_workers(tmp_path: Path) -> None:
     )
     assert done.returncode != 0
     assert b"--workers needs the shared PostgreSQL store" in done.stderr
+
+
+@pytest.mark.postgres_only
+def test_workers_do_not_outlive_a_killed_parent(data_dir: Path, database_url: str) -> None:
+    with workers(data_dir, database_url, 2) as running:
+        running.proc.kill()  # SIGKILL: no chance to stop them; the kernel tells them (PDEATHSIG)
+        running.proc.wait(10)
+        deadline = time.monotonic() + 20
+        alive = running.pids
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.2)
+            alive = [pid for pid in alive if Path(f"/proc/{pid}").exists() and not zombie(pid)]
+        assert not alive, f"workers {alive} outlived their parent"
+
+
+def zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
