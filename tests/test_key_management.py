@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -282,3 +283,39 @@ def test_replicas_share_one_wrap_count_and_read_each_others_generations(
     for kek_id, rows in stored.items():
         # Each replica may overrun a generation by the block it still holds: one wrap here.
         assert rows <= counted[kek_id] <= LIMIT + 2 * 2, (kek_id, counted, stored)
+
+
+RACE = """
+import os, sys, time
+from pathlib import Path
+from roomsecrets_server.auth.dev_key import ensure_dev_key
+from roomsecrets_server.crypto.keyring import KeyringFile
+data_dir, go = Path(sys.argv[1]), Path(sys.argv[2])
+while not go.exists():
+    time.sleep(0.001)
+keyring = KeyringFile(data_dir / "keyring.json")
+keyring.ensure()
+print(keyring.envelope().active_kek_id, ensure_dev_key(data_dir)[0])
+"""
+
+
+def test_processes_starting_together_on_a_fresh_data_dir_agree_on_one_key(tmp_path: Path) -> None:
+    """`serve --workers N` starts N servers on a fresh data dir at once: each used to create its
+    own keyring and dev key, the last write won, and the others sealed under a key the file no
+    longer had (DATA_LOSS for their values). Creation is now create-if-absent, atomically."""
+    data_dir, go = tmp_path / "data", tmp_path / "go"
+    data_dir.mkdir()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACE, str(data_dir), str(go)], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(8)
+    ]
+    time.sleep(1.0)  # every process is waiting for the start
+    go.touch()
+    seen = {proc.communicate(timeout=60)[0].strip() for proc in procs}
+    assert len(seen) == 1, seen
+    assert seen == {
+        f"{key_ids(data_dir)[0]} {json.loads((data_dir / 'signing-key.json').read_text())['kid']}"
+    }
+    assert not [p.name for p in data_dir.iterdir() if p.name.startswith(".")], "temporary files left"

@@ -23,3 +23,28 @@ def write_private(path: Path, payload: str) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def create_private(path: Path, payload: str) -> bool:
+    """Create `path` (mode 0600, durably) unless it exists; False if it already did. Atomic, so
+    processes starting together on a fresh data dir (`serve --workers N`) agree on one file: a
+    key created twice would leave one process sealing under a key the file no longer has."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.new")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_MODE)
+    try:
+        os.write(fd, payload.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)  # fails if path exists, unlike rename
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return True

@@ -13,7 +13,7 @@ from typing import Any
 
 import jwt
 
-from ..files import write_private
+from ..files import create_private
 
 DEV_KEY_FILE = "signing-key.json"
 
@@ -27,7 +27,7 @@ def ensure_dev_key(data_dir: Path) -> tuple[str, bytes]:
             "kid": f"dev-{secrets.token_hex(4)}",
             "secret": base64.b64encode(secrets.token_bytes(32)).decode(),
         }
-        write_private(path, json.dumps(doc))
+        create_private(path, json.dumps(doc))  # a process that lost the race reads the winner's
     doc = json.loads(path.read_text())
     return str(doc["kid"]), base64.b64decode(doc["secret"])
 

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..files import write_private
+from ..files import create_private, write_private
 from .envelope import Envelope, generation_id, split_generation
 
 
@@ -51,7 +51,7 @@ class KeyringFile:
         if not self.path.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
             entry = _new_key_entry()
-            write_private(self.path, json.dumps({"active": entry["id"], "keys": [entry]}, indent=2))
+            create_private(self.path, json.dumps({"active": entry["id"], "keys": [entry]}, indent=2))
 
     def envelope(self) -> Envelope:
         """The current envelope; re-reads the file if it changed (at most one stat a second)."""
