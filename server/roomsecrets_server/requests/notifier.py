@@ -9,7 +9,7 @@ whole contract.
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -40,26 +40,37 @@ class Subscription:
     WatchRequests starts with every request still pending."""
 
     MAX_UNDELIVERED = 1024
+    # Thousands of these sit idle at once (one per open stream), so they are lean: a deque and,
+    # only while the stream's reader waits, one future (an asyncio.Queue costs ~1.5 KiB more).
+    __slots__ = ("_events", "_wakeup", "identity", "overflowed", "room")
 
     def __init__(self, room: str, identity: str) -> None:
         self.room = room
         self.identity = identity
         self.overflowed = False
-        self._queue: asyncio.Queue[Event | None] = asyncio.Queue()
+        self._events: deque[Event | None] = deque()
+        self._wakeup: asyncio.Future[None] | None = None
 
     def push(self, event: Event | None) -> None:
         if self.overflowed:
             return
-        if event is not None and self._queue.qsize() >= self.MAX_UNDELIVERED:
+        if event is not None and len(self._events) >= self.MAX_UNDELIVERED:
             self.overflowed = True
-            while not self._queue.empty():  # free the backlog now, not when the stream ends
-                self._queue.get_nowait()
+            self._events.clear()  # free the backlog now, not when the stream ends
             event = None
-        self._queue.put_nowait(event)
+        self._events.append(event)
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
 
     async def events(self) -> AsyncIterator[Event]:
         while True:
-            event = await self._queue.get()
+            while not self._events:
+                self._wakeup = asyncio.get_running_loop().create_future()
+                try:
+                    await self._wakeup
+                finally:
+                    self._wakeup = None
+            event = self._events.popleft()
             if event is None:
                 return
             yield event
