@@ -14,6 +14,7 @@ import grpc
 import pytest
 from roomsecrets.v1 import room_secrets_pb2 as pb
 from roomsecrets_server.audit import AuditLog
+from roomsecrets_server.batching import GroupWindow
 from roomsecrets_server.errors import Unavailable
 
 from .harness import Participants, ServerThread, test_settings
@@ -102,9 +103,9 @@ async def test_a_lone_caller_never_waits_for_the_group_window(
 ) -> None:
     audit = AuditLog(tmp_path / "audit.log", group_window=3600)  # a wait would time the test out
     writes = counting_writes(monkeypatch)
-    for i in range(AuditLog.LEARN_EVERY - 1):
+    for i in range(GroupWindow.LEARN_EVERY - 1):
         await asyncio.wait_for(audit.record("get_secret", room="r", actor=f"a{i}"), 5)
-    assert writes == [1] * (AuditLog.LEARN_EVERY - 1)
+    assert writes == [1] * (GroupWindow.LEARN_EVERY - 1)
     await audit.close()
 
 
@@ -114,7 +115,7 @@ async def test_calls_arriving_together_share_one_write_without_waiting_out_the_w
     window = 0.5
     audit = AuditLog(tmp_path / "audit.log", group_window=window)
     writes = counting_writes(monkeypatch)
-    for i in range(AuditLog.LEARN_EVERY - 1):  # alone: written at once, one by one
+    for i in range(GroupWindow.LEARN_EVERY - 1):  # alone: written at once, one by one
         await audit.record("exists", room="r", actor=f"a{i}")
     del writes[:]
     # This batch runs its full window and learns that 8 calls arrive together...
@@ -132,7 +133,7 @@ async def test_calls_arriving_together_share_one_write_without_waiting_out_the_w
     assert await staggered(audit, 1, gap=0) < window / 4
     assert writes == [8, 8, 1, 1]
     await audit.close()
-    assert len((tmp_path / "audit.log").read_text().splitlines()) == AuditLog.LEARN_EVERY - 1 + 18
+    assert len((tmp_path / "audit.log").read_text().splitlines()) == GroupWindow.LEARN_EVERY - 1 + 18
 
 
 async def test_fail_closed_every_caller_of_a_failed_batch_is_refused_and_the_log_says_why(

@@ -8,16 +8,9 @@ out unaudited (a write that already reached the store is then reported as failed
 with an etag). Events no caller waits on (a request expiring) use `record_nowait`: the same
 batch, but a failure can only be logged.
 
-Lines are group-committed, adaptively. gRPC hands the server about one call per event-loop
-iteration, so batching only what one iteration recorded writes one line at a time. Instead a
-batch stays open for up to `group_window` seconds, and is written at the end of the iteration in
-which it holds as many lines as the last window that ran its full length collected: that is how
-many calls were arriving together. So a lone caller (the last full window held one line) pays no
-wait, two callers wait only for each other, and under load dozens of calls share one write and
-are resumed together, so their replies leave together too. Now and then a batch runs its full
-window to learn the current concurrency again: every 32nd while calls arrive together, backing off
-to every 1,024th while they arrive alone (a lone caller pays that window). `group_window=0`
-writes each iteration's lines at its end. Measured in bench/README.md.
+Lines are group-committed, adaptively (`batching.GroupWindow`, shared with the SQLite writer):
+under load dozens of calls share one write and are resumed together, while a lone caller pays no
+wait. `group_window=0` writes each iteration's lines at its end. Measured in bench/README.md.
 
 Buffered (`--audit-buffered`): lines are kept as tuples and written every half second, which costs
 the hot path a list append, at the price of losing up to half a second of lines in a crash and of
@@ -33,6 +26,7 @@ import time
 from json.encoder import encode_basestring_ascii as _escape
 from pathlib import Path
 
+from .batching import GroupWindow
 from .errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -44,9 +38,6 @@ Entry = tuple[float | str, ...]
 class AuditLog:
     FLUSH_SECONDS = 0.5
 
-    LEARN_EVERY = 32  # batches between full windows while calls arrive together
-    LEARN_AT_MOST_EVERY = 1024  # ... backing off to this while they arrive alone
-
     def __init__(self, path: Path | None, *, fail_closed: bool = True, group_window: float = 0.002) -> None:
         self._fd: int | None = None
         if path is not None:
@@ -54,17 +45,11 @@ class AuditLog:
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self.fail_closed = fail_closed
         self._buffer: list[Entry] = []
-        # Fail closed: the callers waiting for the lines now in _buffer; a batch write is
-        # scheduled (_timer) exactly when _buffer is non-empty.
+        # Fail closed: the callers waiting for the lines now in _buffer; the group window
+        # schedules a batch write exactly when _buffer is non-empty.
         self._waiters: list[asyncio.Future[None]] = []
         self._task: asyncio.Task[None] | None = None
-        self._window = group_window
-        self._timer: asyncio.TimerHandle | None = None
-        self._batch_size = 1  # lines the last full window collected
-        self._batches = 0
-        self._next_learning = self.LEARN_EVERY  # the batch number that runs its full window
-        self._last_learning = 0
-        self._closing = False  # the batch is full: its write is scheduled for this iteration
+        self._group = GroupWindow(group_window, self._write_batch)
 
     async def record(
         self,
@@ -118,42 +103,11 @@ class AuditLog:
 
     def _enqueue(self, entry: Entry) -> None:
         self._buffer.append(entry)
-        if self._closing:
-            return
-        learning = self._batches + 1 >= self._next_learning
-        if self._window > 0 and (learning or len(self._buffer) < self._batch_size):
-            if self._timer is None:
-                self._timer = asyncio.get_running_loop().call_later(self._window, self._window_closed)
-            return
-        # Written at the end of this loop iteration: lines recorded meanwhile join it.
-        self._closing = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        asyncio.get_running_loop().call_soon(self._write_batch)
-
-    def _window_closed(self) -> None:
-        self._timer = None
-        self._batch_size = max(1, len(self._buffer))
-        # A lone caller pays the whole window whenever it learns: learn less and less often
-        # while every full window finds one line.
-        interval = self.LEARN_EVERY
-        if self._batch_size == 1:
-            interval = min(2 * (self._next_learning - self._last_learning), self.LEARN_AT_MOST_EVERY)
-        self._last_learning = self._batches + 1
-        self._next_learning = self._last_learning + max(interval, self.LEARN_EVERY)
-        self._write_batch()
+        self._group.added()
 
     def _write_batch(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._closing = False
         entries, self._buffer = self._buffer, []
         waiters, self._waiters = self._waiters, []
-        if not entries:
-            return  # already written by close()
-        self._batches += 1
         try:
             self._append("".join(_line(entry) for entry in entries).encode())
         except OSError as exc:
@@ -188,7 +142,7 @@ class AuditLog:
 
     def flush(self) -> None:
         if self.fail_closed:
-            self._write_batch()
+            self._group.flush_now()
             return
         if self._fd is not None and self._buffer:
             entries, self._buffer = self._buffer, []
