@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from ..errors import IntegrityError
 
 _VERSION = 1
+_DEK = 32
 _NONCE = 12
 _WRAPPED_DEK = 32 + 16
 DEK_CACHE_SIZE = 4096
@@ -99,10 +100,12 @@ class Envelope:
         return kek
 
     def seal(self, plaintext: bytes, aad: bytes) -> bytes:
-        dek = AESGCM.generate_key(bit_length=256)
-        nonce = os.urandom(_NONCE)
+        # The data key and both nonces come from one read of the OS generator: each os.urandom
+        # call releases the GIL, which under load costs a thread switch.
+        fresh = os.urandom(_DEK + 2 * _NONCE)
+        dek, nonce, wrap_nonce = fresh[:_DEK], fresh[_DEK : _DEK + _NONCE], fresh[_DEK + _NONCE :]
         ciphertext = AESGCM(dek).encrypt(nonce, plaintext, aad)
-        return self._wrap(self.active_kek_id, dek) + nonce + ciphertext
+        return self._wrap(self.active_kek_id, dek, wrap_nonce) + nonce + ciphertext
 
     def open(self, sealed: bytes, aad: bytes) -> bytes:
         # Unwrapped data keys are cached by their wrapped bytes (bounded): a hot read then costs
@@ -131,7 +134,7 @@ class Envelope:
         kek_id, dek, body = self._unwrap(sealed)
         if split_generation(kek_id)[0] == split_generation(self.active_kek_id)[0]:
             return sealed  # a generation of the active key: the same root, nothing to move
-        return self._wrap(self.active_kek_id, dek) + body
+        return self._wrap(self.active_kek_id, dek, os.urandom(_NONCE)) + body
 
     @staticmethod
     def kek_id_of(sealed: bytes) -> str:
@@ -142,10 +145,9 @@ class Envelope:
         except UnicodeDecodeError:
             raise IntegrityError("stored value has a corrupt key id") from None
 
-    def _wrap(self, kek_id: str, dek: bytes) -> bytes:
+    def _wrap(self, kek_id: str, dek: bytes, nonce: bytes) -> bytes:
         raw_id = kek_id.encode()
         header = bytes([_VERSION, len(raw_id)]) + raw_id
-        nonce = os.urandom(_NONCE)
         kek = self._kek(kek_id)
         assert kek is not None  # only the active key wraps, and __init__ checked it
         if self._on_wrap is not None:
