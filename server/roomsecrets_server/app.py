@@ -80,7 +80,7 @@ def open_store(settings: Settings) -> tuple[Store, Notifier]:
     if settings.database_url:
         store = PostgresStore(settings.database_url)
         return store, PgNotifier(store)
-    return SqliteStore(settings.database_path), LocalNotifier()
+    return SqliteStore(settings.database_path, group_window=settings.write_group_window), LocalNotifier()
 
 
 class RoomSecretsServer:

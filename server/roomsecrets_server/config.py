@@ -43,6 +43,10 @@ class Settings:
     # Fail closed: a batch of audit lines waits at most this long for the calls arriving with it
     # (adaptive group commit, see audit.py); 0 writes each event-loop iteration's lines at its end.
     audit_group_window: float = 0.002
+    # SQLite: a batch of writes waits at most this long for the writes arriving with it, and then
+    # commits once for all (the same adaptive window, see batching.py); 0 commits each event-loop
+    # iteration's writes at its end. Every write is still on disk before its call returns.
+    write_group_window: float = 0.01
     # Offline OAuth tokens are refreshed when they expire within this many seconds (at most half
     # their lifetime); token endpoint calls give up after oauth_http_timeout seconds.
     oauth_refresh_margin: float = 60.0
@@ -93,6 +97,8 @@ class Settings:
             )
         if not 0 <= self.audit_group_window <= 1:
             raise ValueError("audit_group_window must be between 0 and 1 second")
+        if not 0 <= self.write_group_window <= 1:
+            raise ValueError("write_group_window must be between 0 and 1 second")
         if not 0 < self.kek_rotate_after <= 2**31:
             raise ValueError("kek_rotate_after must be between 1 and 2^31")
         if self.database_url and not self.database_url.startswith(("postgresql://", "postgres://")):

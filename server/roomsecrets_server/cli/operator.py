@@ -225,6 +225,14 @@ def add_serve(subparsers: Any) -> None:
         "it waits only while calls arrive together (default %(default)s; 0: no wait)",
     )
     p.add_argument(
+        "--write-group-window",
+        type=non_negative,
+        default=env("WRITE_GROUP_WINDOW", str(_DEFAULTS.write_group_window)),
+        help="SQLite: seconds a batch of writes may wait for the writes arriving with it before "
+        "their one commit; it waits only while writes arrive together (default %(default)s; 0: no "
+        "wait)",
+    )
+    p.add_argument(
         "--log-level",
         default=env("LOG_LEVEL", "INFO"),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -258,6 +266,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         database_url=args.database_url,
         audit_buffered=args.audit_buffered,
         audit_group_window=args.audit_group_window,
+        write_group_window=args.write_group_window,
         workers=args.workers,
         kek_rotate_after=args.kek_rotate_after,
     )

@@ -2,24 +2,35 @@
 
 Reads run inline on the event loop over a dedicated connection: an indexed point read from the
 page cache takes microseconds, less than a hop to a thread would. Writes go through one writer
-thread that group-commits whatever is queued in a single transaction (one fsync for the batch,
-each write in its own savepoint so one failure does not sink the others). `synchronous=FULL`:
-a write acknowledged OK is on disk.
+thread that commits them in batches, one transaction and one fsync per batch (a write that may
+fail halfway runs in its own savepoint, so one failure does not sink the others). The batches are
+formed on the event loop by the same adaptive group window as the audit log's
+(`batching.GroupWindow`): the writer alone commits too fast for writes to queue up behind it, so
+without the window each write paid its own commit. `synchronous=FULL`: a write acknowledged OK is
+on disk.
+
+Records read by key are cached (ciphertext only) and the cache is checked against the WAL-index
+header on every read, so any commit by another connection or process empties it. The writer's
+own commits update it instead, when the header proves that no other commit came in between (see
+`_RecordCache`): a SetSecret then finds the row it replaces without a statement.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import mmap
 import os
 import queue
 import sqlite3
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
+from ..batching import GroupWindow
 from ..errors import AlreadyExists, EtagMismatch, Unavailable
 from .base import (
     ANY,
@@ -127,6 +138,7 @@ _GET_SECRET = (
 # never returns a row older than the last commit.
 RECORD_CACHE_SIZE = 4096
 _WAL_INDEX_HEADER = 48  # https://www.sqlite.org/walformat.html#the_wal_index_header
+_CHANGE_COUNTER = slice(8, 12)  # iChange: +1 per committed transaction (native byte order)
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -189,83 +201,117 @@ def _put(conn: sqlite3.Connection, record: SecretRecord, condition: WriteConditi
 
 
 Job = Callable[[sqlite3.Connection], Any]
+# What a job does to cached records when it succeeds: (key, the row now stored, or None if
+# deleted). None: not known (a delete by name, say), so a batch holding it empties the cache.
+CacheEffects = Sequence[tuple[SecretKey, SecretRecord | None]] | None
+NO_SECRETS: CacheEffects = ()  # the job writes no secrets row
+
+
+class _Queued(NamedTuple):
+    job: Job
+    savepoint: bool
+    effects: CacheEffects
+    future: asyncio.Future[Any]
 
 
 class _Writer:
-    """One thread owning the write connection; group-commits queued jobs. A job runs inside a
-    savepoint, so that one that fails halfway is undone alone, unless it is a single statement
-    (`savepoint=False`), which SQLite already undoes by itself when it fails."""
+    """One thread owning the write connection; commits the batches the event loop hands over.
+    A job runs inside a savepoint, so that one that fails halfway is undone alone, unless it is a
+    single statement (`savepoint=False`), which SQLite already undoes by itself when it fails.
+    Each transaction is announced to the record cache before it commits (`_RecordCache.begin`)."""
 
     MAX_BATCH = 256
 
-    def __init__(self, path: Path) -> None:
-        self._conn = _connect(path)
-        self._conn.executescript(SCHEMA)
-        self._jobs: queue.SimpleQueue[tuple[Job, bool, asyncio.Future[Any]] | None] = queue.SimpleQueue()
+    def __init__(self, conn: sqlite3.Connection, cache: _RecordCache, group_window: float) -> None:
+        self._conn = conn
+        self._cache = cache
+        self._open: list[_Queued] = []  # on the loop: the batch the group window keeps open
+        self._group = GroupWindow(group_window, self._hand_over)
+        self._batches: queue.SimpleQueue[list[_Queued] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="sqlite-writer", daemon=True)
         self._thread.start()
 
-    async def run(self, job: Callable[[sqlite3.Connection], T], *, savepoint: bool = True) -> T:
+    async def run(
+        self, job: Callable[[sqlite3.Connection], T], *, savepoint: bool = True, effects: CacheEffects = None
+    ) -> T:
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._jobs.put((job, savepoint, future))
+        self._open.append(_Queued(job, savepoint, effects, future))
+        self._group.added()
         return await future
 
+    def _hand_over(self) -> None:
+        batch, self._open = self._open, []
+        self._batches.put(batch)
+
     def close(self) -> None:
-        self._jobs.put(None)
+        self._group.flush_now()
+        self._batches.put(None)
         self._thread.join()
         self._conn.close()
 
     def _run(self) -> None:
         stopping = False
         while not stopping:
-            first = self._jobs.get()
-            if first is None:
+            batch = self._batches.get()
+            if batch is None:
                 break
-            batch = [first]
-            while len(batch) < self.MAX_BATCH:
+            while len(batch) < self.MAX_BATCH:  # batches that queued up meanwhile join this one
                 try:
-                    nxt = self._jobs.get_nowait()
+                    more = self._batches.get_nowait()
                 except queue.Empty:
                     break
-                if nxt is None:
+                if more is None:
                     stopping = True
                     break
-                batch.append(nxt)
+                batch.extend(more)
             self._commit(batch)
 
-    def _commit(self, batch: list[tuple[Job, bool, asyncio.Future[Any]]]) -> None:
+    def _commit(self, batch: list[_Queued]) -> None:
         conn = self._conn
         outcomes: list[tuple[bool, Any]] = []
+        effects: list[tuple[SecretKey, SecretRecord | None]] | None = []
+        ours: _OwnCommit | None = None
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for job, savepoint, _ in batch:
+            before = self._cache.header()  # we hold the write lock: nobody else commits now
+            for queued in batch:
+                savepoint = queued.savepoint
                 if savepoint:
                     conn.execute("SAVEPOINT job")
                 try:
-                    outcomes.append((True, job(conn)))
+                    outcomes.append((True, queued.job(conn)))
                 except Exception as exc:  # the job's own failure: undo just this job
                     if savepoint:
                         conn.execute("ROLLBACK TO job")
                     outcomes.append((False, exc))
+                else:
+                    if queued.effects is None:
+                        effects = None
+                    elif effects is not None:
+                        effects.extend(queued.effects)
                 if savepoint:
                     conn.execute("RELEASE job")
+            ours = self._cache.begin(before, effects)
             conn.execute("COMMIT")
+            ours.committed(self._cache.header())
         except sqlite3.Error as exc:
+            if ours is not None:
+                ours.committed(None)
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             failure = Unavailable(f"store write failed: {type(exc).__name__}")
             outcomes = [(False, failure)] * len(batch)
         # One wake-up per event loop (there is one) for the whole batch, not one per job.
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
-        for (_, _, future), (ok, value) in zip(batch, outcomes, strict=True):
-            by_loop.setdefault(future.get_loop(), []).append((future, ok, value))
+        for queued, (ok, value) in zip(batch, outcomes, strict=True):
+            by_loop.setdefault(queued.future.get_loop(), []).append((queued.future, ok, value))
         for loop, results in by_loop.items():
-            loop.call_soon_threadsafe(_resolve_all, results)
+            loop.call_soon_threadsafe(self._deliver, results)
 
-
-def _resolve_all(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
-    for future, ok, value in results:
-        _resolve(future, ok, value)
+    def _deliver(self, results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+        self._cache.settle()
+        for future, ok, value in results:
+            _resolve(future, ok, value)
 
 
 def _resolve(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
@@ -278,7 +324,7 @@ def _resolve(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
 
 
 class _CommitWatch:
-    """Tells whether any connection committed since the last look.
+    """Reads what changes whenever any connection commits: the WAL-index header.
 
     SQLite itself decides whether its page cache is still valid by comparing the WAL-index header
     in the shared-memory file (`<db>-shm`), which every commit rewrites. Reading those 48 bytes
@@ -296,7 +342,6 @@ class _CommitWatch:
 
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
         self._conn = conn
-        self._seen: object = None
         self._shm: mmap.mmap | None = None
         self._fd = -1
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # the -shm exists from here
@@ -307,16 +352,15 @@ class _CommitWatch:
         except OSError:
             self._shm = None
 
-    def changed(self) -> bool:
-        now: object
+    def header(self) -> bytes | None:
+        """The WAL-index header now (any thread); None when the file is not mapped."""
+        return None if self._shm is None else self._shm[:_WAL_INDEX_HEADER]
+
+    def version(self) -> object:
+        """Changes whenever any connection commits: the header, or `PRAGMA data_version`."""
         if self._shm is not None:
-            now = self._shm[:_WAL_INDEX_HEADER]
-        else:
-            now = self._conn.execute("PRAGMA data_version").fetchone()
-        if now == self._seen:
-            return False
-        self._seen = now
-        return True
+            return self._shm[:_WAL_INDEX_HEADER]
+        return self._conn.execute("PRAGMA data_version").fetchone()
 
     def close(self) -> None:
         """Only after every connection of this process on the database is closed (see above)."""
@@ -328,13 +372,114 @@ class _CommitWatch:
             self._fd = -1
 
 
-class SqliteStore:
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = _Writer(path)  # creates the schema first
-        self._read = _connect(path)
+class _OwnCommit:
+    """Our writer's transaction as the reader learns of it: announced before COMMIT with the
+    header it started from and what it does to cached records, then `committed` (or not)."""
+
+    __slots__ = ("after", "before", "done", "effects")
+
+    def __init__(self, before: bytes, effects: CacheEffects) -> None:
+        self.before = before
+        self.effects = effects
+        self.after: bytes | None = None
+        self.done = False
+
+    def committed(self, after: bytes | None) -> None:
+        """After COMMIT, from the writer thread: the header then, or None if it failed."""
+        self.after = after
+        self.done = True  # set last: the reader looks at `after` only once this is True
+
+
+def _counter(header: bytes) -> int:
+    return int.from_bytes(header[_CHANGE_COUNTER], sys.byteorder)
+
+
+class _RecordCache:
+    """Sealed records read by key, valid as of the WAL-index header `_seen`.
+
+    Any commit by another connection or process changes the header and empties the cache. Our
+    own writer's commits update it instead, when they provably were the only commit in between:
+    the writer reads the header right after BEGIN IMMEDIATE (under the write lock, so no other
+    commit can follow it before ours) and right after COMMIT; if the reader's `_seen` is one of
+    the two and the change counter moved by exactly one, that one commit was ours, and cached rows
+    plus our own writes are the database as of `after`. A commit by anyone else, even one that
+    slipped in before `after` was read, moves the counter by more or leaves the header different
+    from `after`, and the cache is emptied as before. Between our COMMIT and the writer's report
+    (it needs the GIL back), a read finds the header one commit ahead: it reads the database
+    without touching the cache. Only the event loop calls `lookup`/`store`; the writer thread
+    calls `begin` and `_OwnCommit.committed`.
+    """
+
+    def __init__(self, commits: _CommitWatch) -> None:
+        self._commits = commits
         self._records: dict[SecretKey, SecretRecord] = {}
+        self._seen: object = None
+        self._own: collections.deque[_OwnCommit] = collections.deque()
+        self.header = commits.header
+
+    def begin(self, before: bytes | None, effects: CacheEffects) -> _OwnCommit:
+        commit = _OwnCommit(before or b"", effects)
+        if before is not None:  # without the mapped header, every commit empties the cache
+            self._own.append(commit)
+        return commit
+
+    def settle(self) -> None:
+        """Take in our commits that the writer has reported (also called as each batch's callers
+        are resumed, so the queue stays short when nothing reads)."""
+        own = self._own
+        while own and own[0].done:
+            self._apply(own.popleft())
+
+    def usable(self) -> bool:
+        """Bring the cache up to date; False: read the database this once, and cache nothing."""
+        self.settle()
+        own = self._own
+        now = self._commits.version()
+        if now == self._seen:
+            return True
+        if (
+            own
+            and own[0].before == self._seen
+            and isinstance(now, bytes)
+            and _counter(now) == (_counter(own[0].before) + 1) & 0xFFFFFFFF
+        ):
+            return False  # most likely our commit, not yet reported: settled on a later call
+        self._records.clear()
+        self._seen = now
+        return True
+
+    def _apply(self, commit: _OwnCommit) -> None:
+        before, after = commit.before, commit.after
+        if after is None or commit.effects is None or self._seen not in (before, after):
+            return  # the next look at the header empties the cache
+        if _counter(after) != (_counter(before) + 1) & 0xFFFFFFFF:
+            return
+        self._seen = after
+        records = self._records
+        for key, record in commit.effects:
+            if record is None:
+                records.pop(key, None)
+            else:
+                records[key] = record
+
+    def lookup(self, key: SecretKey) -> SecretRecord | None:
+        return self._records.get(key)
+
+    def store(self, key: SecretKey, record: SecretRecord) -> None:
+        if len(self._records) >= RECORD_CACHE_SIZE:
+            self._records.clear()  # _seen stays: what is cached is still current
+        self._records[key] = record
+
+
+class SqliteStore:
+    def __init__(self, path: Path, *, group_window: float = 0.002) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write = _connect(path)
+        write.executescript(SCHEMA)
+        self._read = _connect(path)
         self._commits = _CommitWatch(self._read, path)
+        self._cache = _RecordCache(self._commits)
+        self._writer = _Writer(write, self._cache, group_window)
 
     async def open(self) -> None:
         pass  # opened (and the schema created) in __init__: a local file needs no waiting
@@ -359,14 +504,16 @@ class SqliteStore:
 
     # -- secrets ------------------------------------------------------------------------------
     async def get_secret(self, key: SecretKey) -> SecretRecord | None:
-        if self._commits.changed() or len(self._records) >= RECORD_CACHE_SIZE:
-            self._records.clear()
-        record = self._records.get(key)
+        cache = self._cache
+        usable = cache.usable()
+        record = cache.lookup(key) if usable else None
         if record is None:
             row = self._one(_GET_SECRET, key)  # SecretKey is a tuple in column order
             if row is None:
                 return None
-            record = self._records[key] = _secret(row)
+            record = _secret(row)
+            if usable:
+                cache.store(key, record)
         return record
 
     async def find_secrets(
@@ -393,7 +540,9 @@ class SqliteStore:
         return [_secret(r) for r in rows]
 
     async def put_secret(self, record: SecretRecord, condition: WriteCondition) -> None:
-        await self._writer.run(lambda conn: _put(conn, record, condition), savepoint=False)
+        await self._writer.run(
+            lambda conn: _put(conn, record, condition), savepoint=False, effects=((record.key, record),)
+        )
 
     async def delete_secret(self, key: SecretKey, condition: WriteCondition) -> bool:
         def job(conn: sqlite3.Connection) -> bool:
@@ -405,7 +554,7 @@ class SqliteStore:
             return cur.rowcount > 0
 
         # The check only reads and raises before the one statement that writes: no savepoint.
-        return await self._writer.run(job, savepoint=False)
+        return await self._writer.run(job, savepoint=False, effects=((key, None),))
 
     async def delete_secrets_by_name(
         self, room: str, owners_or_delegate: str, delegated_to: str, type_: str, name: str
@@ -447,7 +596,7 @@ class SqliteStore:
                 ),
             )
 
-        await self._writer.run(job)
+        await self._writer.run(job, effects=NO_SECRETS)
 
     async def get_request(self, request_id: str) -> RequestRecord | None:
         row = self._one(f"SELECT {_REQUEST_COLUMNS} FROM requests WHERE request_id=?", (request_id,))
@@ -492,7 +641,7 @@ class SqliteStore:
                 _put(conn, secret, secret_condition)  # raising rolls back the transition too
             return True
 
-        return await self._writer.run(job)
+        return await self._writer.run(job, effects=None if secret else NO_SECRETS)
 
     async def expire_due(self, now: float) -> list[RequestRecord]:
         def job(conn: sqlite3.Connection) -> list[RequestRecord]:
@@ -503,7 +652,7 @@ class SqliteStore:
             ).fetchall()
             return [_request(r) for r in rows]
 
-        return await self._writer.run(job)
+        return await self._writer.run(job, effects=NO_SECRETS)
 
     # -- leases -------------------------------------------------------------------------------
     async def acquire_lease(self, name: str, holder: str, ttl: float) -> bool:
@@ -517,13 +666,13 @@ class SqliteStore:
             )
             return cur.rowcount == 1
 
-        return await self._writer.run(job)
+        return await self._writer.run(job, effects=NO_SECRETS)
 
     async def release_lease(self, name: str, holder: str) -> None:
         def job(conn: sqlite3.Connection) -> None:
             conn.execute("DELETE FROM leases WHERE name=? AND holder=?", (name, holder))
 
-        await self._writer.run(job)
+        await self._writer.run(job, effects=NO_SECRETS)
 
     # -- key rotation -------------------------------------------------------------------------
     async def sealed_not_under(self, root_id: str, limit: int) -> list[tuple[SecretKey, bytes]]:
@@ -551,7 +700,7 @@ class SqliteStore:
             ).fetchone()
             return int(row[0])
 
-        return await self._writer.run(job)
+        return await self._writer.run(job, effects=NO_SECRETS)
 
     async def wrap_counts(self) -> dict[str, int]:
         return {str(r[0]): int(r[1]) for r in self._all("SELECT kek_id, wraps FROM kek_wraps", ())}
