@@ -44,6 +44,19 @@ VARIANTS: dict[str, str | None] = {
     # prototypes of behaviour-preserving fixes
     "opt-value-cache": "opt-value-cache",
     "opt-audit-gil-batched": "opt-audit-gil-batched",
+    # SetSecret (--method SetSecret)
+    "no-set-read": "set-read",
+    "no-set-write": "set-write",
+    "no-set-seal": "set-seal",
+    "no-set-data": "set-read,set-write,set-seal,audit",
+}
+# Settings, not ablations: the real server with other group windows (seconds).
+SETTINGS: dict[str, list[str]] = {
+    "write-window-0": ["--write-group-window", "0"],
+    "write-window-2ms": ["--write-group-window", "0.002"],
+    "write-window-5ms": ["--write-group-window", "0.005"],
+    "write-window-20ms": ["--write-group-window", "0.02"],
+    "audit-window-5ms": ["--audit-group-window", "0.005"],
 }
 DEFAULT_VARIANTS = "echo,real,no-audit,no-sqlite,no-crypto,no-response,no-data,bare-handler"
 
@@ -63,12 +76,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--warmup", type=parse_duration, default="1s")
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--payload-bytes", type=int, default=64)
-    p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"from {', '.join(VARIANTS)}")
+    p.add_argument("--method", choices=("GetSecret", "SetSecret"), default="GetSecret")
+    p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"from {', '.join([*VARIANTS, *SETTINGS])}")
     p.add_argument("--ghz", default=None)
     p.add_argument("--results-dir", type=Path, default=BENCH_DIR / "results")
     args = p.parse_args(argv)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = set(names) - set(VARIANTS)
+    unknown = set(names) - set(VARIANTS) - set(SETTINGS)
     if unknown:
         p.error(f"unknown variant(s): {', '.join(sorted(unknown))}")
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
@@ -86,8 +100,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                     continue
                 ws = stack.enter_context(workspace())
                 spaces[name] = ws
-                ablation = VARIANTS[name]
-                if ablation is None:
+                ablation = VARIANTS.get(name, "")
+                if name in SETTINGS:
+                    servers[name] = start_real(
+                        ws,
+                        cpu=server_cpu,
+                        use_uvloop=True,
+                        name=name,
+                        module="bench.serve_ablated",
+                        extra=SETTINGS[name],
+                    )
+                elif ablation is None:
                     servers[name] = start_real(ws, cpu=server_cpu, use_uvloop=True, name=name)
                 else:
                     servers[name] = start_real(
@@ -108,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 check_echo(base, servers["echo"])
             for rnd in range(1, args.rounds + 1):
                 for name in names:
-                    case = Case(name, name, "GetSecret")
+                    case = Case(name, name, args.method)
                     m = measure(ghz, spaces[name], servers[name], case, rnd, load, client_cpu=client_cpu)
                     results.append(m)
                     log(

@@ -14,6 +14,12 @@ Removals (upper bounds: what the part costs in total):
   handler       GetSecret returns the first reply it built: the real server's process, threads
                 and services around an echo handler
   gc            the garbage collector is disabled once the server is up
+SetSecret removals:
+  set-read      SqliteStore.get_secret answers from a dict that put_secret keeps current (a
+                process-local write-through cache: no other writer is checked)
+  set-write     put_secret returns at once for the load's secrets (bench-set-*): no writer
+                thread, no statement, no commit
+  set-seal      SecretsService.seal reuses the first sealed blob (new etag each time)
 
 Prototypes (the audit, data-key, record and SecretInfo prototypes that used to be here were
 adopted by the server; see bench/README.md):
@@ -124,6 +130,51 @@ def no_handler() -> None:
     rpc.RoomSecretsServicer.GetSecret = get_secret  # type: ignore[method-assign]
 
 
+def no_set_read() -> None:
+    original_get = SqliteStore.get_secret
+    original_put = SqliteStore.put_secret
+    rows: dict[SecretKey, SecretRecord] = {}
+
+    async def get_secret(self: SqliteStore, key: SecretKey) -> SecretRecord | None:
+        found = rows.get(key)
+        if found is None:
+            found = await original_get(self, key)
+            if found is not None:
+                rows[key] = found
+        return found
+
+    async def put_secret(self: SqliteStore, record: SecretRecord, condition: Any) -> None:
+        await original_put(self, record, condition)
+        rows[record.key] = record
+
+    SqliteStore.get_secret = get_secret  # type: ignore[method-assign]
+    SqliteStore.put_secret = put_secret  # type: ignore[method-assign]
+
+
+def no_set_write() -> None:
+    original = SqliteStore.put_secret
+
+    async def put_secret(self: SqliteStore, record: SecretRecord, condition: Any) -> None:
+        if not record.key.secret_id.startswith("bench-set-"):  # the seeding still writes
+            await original(self, record, condition)
+
+    SqliteStore.put_secret = put_secret  # type: ignore[method-assign]
+
+
+def no_set_seal() -> None:
+    original = SecretsService.seal
+    first: list[SecretRecord] = []
+
+    def seal(self: SecretsService, key: SecretKey, type_: str, name: str, data: bytes) -> SecretRecord:
+        if not key.secret_id.startswith("bench-set-"):  # the seeding still seals properly
+            return original(self, key, type_, name, data)
+        if not first:
+            first.append(original(self, key, type_, name, data))
+        return first[0]._replace(key=key, etag=os.urandom(8).hex(), update_time=time.time())
+
+    SecretsService.seal = seal  # type: ignore[method-assign]
+
+
 class _ModuleProxy:
     def __init__(self, module: Any, **overrides: Any) -> None:
         self._module = module
@@ -229,6 +280,9 @@ ABLATIONS: dict[str, Callable[[], None]] = {
     "handler": no_handler,
     "gc": lambda: None,  # applied once the server is up
     "opt-value-cache": opt_value_cache,
+    "set-read": no_set_read,
+    "set-write": no_set_write,
+    "set-seal": no_set_seal,
 }
 
 
@@ -265,6 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ablate", default="", help=f"comma-separated, from {', '.join(ABLATIONS)}")
     parser.add_argument("--gc-stats", action="store_true")
     parser.add_argument("--no-uvloop", action="store_true")
+    parser.add_argument("--write-group-window", type=float, default=None)
+    parser.add_argument("--audit-group-window", type=float, default=None)
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.ablate.split(",") if n.strip()]
     unknown = set(names) - set(ABLATIONS)
@@ -285,7 +341,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             gc.disable()
         announce_ready(server.port, loop)
 
-    run_loop(serve(Settings(data_dir=args.data_dir, listen=args.listen), on_ready), not args.no_uvloop)
+    windows = {
+        name: value
+        for name, value in (
+            ("write_group_window", args.write_group_window),
+            ("audit_group_window", args.audit_group_window),
+        )
+        if value is not None
+    }
+    settings = Settings(data_dir=args.data_dir, listen=args.listen, **windows)
+    run_loop(serve(settings, on_ready), not args.no_uvloop)
     return 0
 
 
