@@ -106,11 +106,29 @@ class ServerProcess:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
+    def group(self) -> list[int]:
+        """The pids of our process group: the server, and its workers if it forked any."""
+        pids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == self.pid:  # after "pid (comm)": state, ppid, pgrp
+                pids.append(int(stat.parent.name))
+        return pids or [self.pid]
+
     def cpu_seconds(self) -> float:
-        """User + system CPU of the process (all its threads) so far."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        # After "pid (comm)": state is fields[0]; utime and stime are stat fields 14 and 15.
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        """User + system CPU of the process group (every process, all threads) so far."""
+        total = 0
+        for pid in self.group():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            # After "pid (comm)": state is fields[0]; utime and stime are stat fields 14 and 15.
+            total += int(fields[11]) + int(fields[12])
+        return total / CLOCK_TICKS
 
     def memory_kib(self) -> dict[str, int]:
         """VmHWM (peak RSS) and VmRSS from /proc/PID/status, in KiB."""
@@ -122,10 +140,10 @@ class ServerProcess:
         return out
 
     def check_sole_listener(self) -> None:
-        """Fail unless every TCP socket listening on our port belongs to this process (no stale
-        server sharing it through SO_REUSEPORT)."""
+        """Fail unless every TCP socket listening on our port belongs to this process or its
+        workers (no stale server sharing it through SO_REUSEPORT)."""
         listening = listening_inodes(self.port)
-        ours = socket_inodes(self.pid)
+        ours = set().union(*(socket_inodes(pid) for pid in self.group()))
         if not listening:
             raise RuntimeError(f"{self.name}: nothing listens on port {self.port}")
         strangers = listening - ours

@@ -1,15 +1,22 @@
-"""GetSecret on SQLite vs PostgreSQL, and on 1 vs 2 replicas sharing one PostgreSQL, in one run.
+"""GetSecret on SQLite vs PostgreSQL, on 1 vs 2 replicas sharing one PostgreSQL, and on
+`serve --workers 2`, in one run.
 
     python -m bench.scaleout [--rounds 3] [--duration 8s] [--warmup 2s] [--concurrency 64]
 
 One run starts a throwaway PostgreSQL (tests/postgres.py: Debian's binaries, initdb in a temp dir,
 loopback port, fsync off as for the tests, which is what a read benchmark does not depend on),
-one real server on SQLite and two replicas on the PostgreSQL database, all on one data dir's keys.
-Interleaved rounds of three loads, each a discarded warm-up then a fixed-duration measurement:
+one real server on SQLite, two replicas and one `--workers 2` server on the PostgreSQL database,
+all on one data dir's keys. Interleaved rounds of five loads, each a discarded warm-up then a
+fixed-duration measurement:
 
 * sqlite-1: ghz at --concurrency against the SQLite server;
 * pg-1:     the same against replica A;
-* pg-2:     two ghz at half the concurrency each, one per replica, at the same time (summed).
+* pg-2:     two ghz at half the concurrency each, one per replica, at the same time (summed);
+* pg-1-8c:  replica A again, its load spread over 8 connections;
+* workers-2-8c: `serve --workers 2` (two forked processes on one port through SO_REUSEPORT, the
+            kernel spreading connections between them) on the same database, the same load over 8
+            connections: what --workers buys against pg-1-8c. 8 connections, because the kernel
+            balances connections, not calls; with one connection one worker would take it all.
 
 Nothing is pinned: the replicas, PostgreSQL and ghz share the machine's cores, as they would on
 one host. So besides throughput the report gives where the CPU went per call (replicas,
@@ -54,13 +61,22 @@ def postgres_cpu_seconds() -> float:
     return total / CLOCK_TICKS
 
 
+WORKER_CONNECTIONS = 8
+
+
 def measure(
-    ghz: Path, ws: Workspace, targets: list[ServerProcess], args: argparse.Namespace, name: str, rnd: int
+    ghz: Path,
+    ws: Workspace,
+    targets: list[ServerProcess],
+    args: argparse.Namespace,
+    name: str,
+    rnd: int,
+    connections: int = 1,
 ) -> dict[str, Any]:
     share = max(1, args.concurrency // len(targets))
 
     def load(duration: float, tag: str) -> list[GhzResult]:
-        spec = ws.spec("GetSecret", concurrency=share, connections=1, duration_s=duration)
+        spec = ws.spec("GetSecret", concurrency=share, connections=connections, duration_s=duration)
         with ThreadPoolExecutor(len(targets)) as pool:
             runs = [
                 pool.submit(run_ghz, ghz, t.port, spec, ws.root / f"{tag}-{i}.json", cpu=None)
@@ -113,10 +129,21 @@ def run(args: argparse.Namespace) -> int:
             ]
             servers.extend(replicas)
             seed(ws, replicas[0], args.payload_bytes)  # same secret, same token key, in PostgreSQL
-            cases = [("sqlite-1", [sqlite]), ("pg-1", replicas[:1]), ("pg-2", replicas)]
+            workers = start(
+                ws, cpu=None, use_uvloop=True, name="workers", extra=["--database-url", url, "--workers", "2"]
+            )
+            servers.append(workers)
+            n = WORKER_CONNECTIONS
+            cases = [
+                ("sqlite-1", [sqlite], 1),
+                ("pg-1", replicas[:1], 1),
+                ("pg-2", replicas, 1),
+                ("pg-1-8c", replicas[:1], n),
+                ("workers-2-8c", [workers], n),
+            ]
             for rnd in range(1, args.rounds + 1):
-                for name, targets in cases:
-                    row = measure(ghz, ws, targets, args, name, rnd)
+                for name, targets, connections in cases:
+                    row = measure(ghz, ws, targets, args, name, rnd, connections)
                     rows.append(row)
                     log(
                         f"round {rnd} {name:8s} {row['rps']:7.0f} rps  p50 {row['p50_ms']:6.2f} ms  "
@@ -158,9 +185,13 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]]) -> int:
                 "ghz_cpu_us_per_call",
             )
         }
-        for case in ("sqlite-1", "pg-1", "pg-2")
+        for case in ("sqlite-1", "pg-1", "pg-2", "pg-1-8c", "workers-2-8c")
     }
-    ratios = {"pg-1/sqlite-1": ratio("pg-1", "sqlite-1"), "pg-2/pg-1": ratio("pg-2", "pg-1")}
+    ratios = {
+        "pg-1/sqlite-1": ratio("pg-1", "sqlite-1"),
+        "pg-2/pg-1": ratio("pg-2", "pg-1"),
+        "workers-2-8c/pg-1-8c": ratio("workers-2-8c", "pg-1-8c"),
+    }
     doc = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "cpus": os.cpu_count(),
@@ -177,10 +208,10 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]]) -> int:
     out = out_dir / f"scaleout-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
     out.write_text(json.dumps(doc, indent=2))
     print(f"\nGetSecret, median of {args.rounds} round(s), c={args.concurrency}, {os.cpu_count()} CPUs:")
-    print(f"{'case':9s} {'rps':>7s} {'p50 ms':>7s} {'p99 ms':>7s}  CPU us/call: replicas postgres  ghz")
+    print(f"{'case':13s} {'rps':>7s} {'p50 ms':>7s} {'p99 ms':>7s}  CPU us/call: replicas postgres  ghz")
     for case, m in summary.items():
         print(
-            f"{case:9s} {m['rps']:7.0f} {m['p50_ms']:7.2f} {m['p99_ms']:7.2f}  "
+            f"{case:13s} {m['rps']:7.0f} {m['p50_ms']:7.2f} {m['p99_ms']:7.2f}  "
             f"{m['server_cpu_us_per_call']:20.0f} {m['postgres_cpu_us_per_call']:8.0f} "
             f"{m['ghz_cpu_us_per_call']:4.0f}"
         )

@@ -2,6 +2,7 @@
 (SQLite store, keyring, audit log, dev signing key), on uvloop like `roomsecrets serve`.
 
     python -m bench.serve_real --data-dir D [--listen 127.0.0.1:0] [--no-uvloop] [--database-url URL]
+                               [--workers N]
 
 Prints `READY <port> <loop>` on stdout once serving; stops gracefully on SIGTERM/SIGINT.
 """
@@ -11,11 +12,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from roomsecrets_server.app import RoomSecretsServer, serve
 from roomsecrets_server.config import Settings
+from roomsecrets_server.workers import run_workers
 
 from ._common import announce_ready, loop_name, run_loop
 
@@ -27,6 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-uvloop", action="store_true", help="use the default asyncio event loop")
     parser.add_argument("--database-url", default="", help="a postgresql:// URL (default: SQLite)")
     parser.add_argument("--audit-buffered", action="store_true", help="buffer the audit log (fails open)")
+    parser.add_argument("--workers", type=int, default=1, help="serve --workers N (PostgreSQL only)")
     args = parser.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
     settings = Settings(
@@ -34,8 +37,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         listen=args.listen,
         database_url=args.database_url,
         audit_buffered=args.audit_buffered,
+        workers=args.workers,
     )
     loop = loop_name(not args.no_uvloop)
+    if args.workers > 1:  # as `roomsecrets serve --workers N`: fork before any gRPC object
+        settings.check()
+
+        def serve_worker(worker_settings: Settings, ready: Callable[[], None]) -> None:
+            run_loop(serve(worker_settings, lambda _: ready()), not args.no_uvloop)
+
+        def all_ready(listen: str) -> None:
+            announce_ready(int(listen.rsplit(":", 1)[1]), loop)
+
+        return run_workers(settings, serve_worker, all_ready)
 
     def on_ready(server: RoomSecretsServer) -> None:
         announce_ready(server.port, loop)

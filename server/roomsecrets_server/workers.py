@@ -42,9 +42,14 @@ def reserve_port(listen: str) -> tuple[str, socket.socket | None]:
     return f"{host}:{holder.getsockname()[1]}", holder
 
 
-def run_workers(settings: Settings, serve_one: Callable[[Settings, Callable[[], None]], None]) -> int:
+def run_workers(
+    settings: Settings,
+    serve_one: Callable[[Settings, Callable[[], None]], None],
+    on_ready: Callable[[str], None] | None = None,
+) -> int:
     """Fork `settings.workers` processes running `serve_one(settings, ready)`; return the exit
-    status for the parent. `ready()` is called by each worker once it serves."""
+    status for the parent. `ready()` is called by each worker once it serves; `on_ready(listen)`
+    by the parent once all of them do (default: a line on stderr)."""
     listen, holder = reserve_port(settings.listen)
     settings = dataclasses.replace(settings, listen=listen)
     ready_read, ready_write = os.pipe()
@@ -70,10 +75,16 @@ def run_workers(settings: Settings, serve_one: Callable[[Settings, Callable[[], 
                 os._exit(status)
         children.append(pid)
     os.close(ready_write)
-    return _supervise(settings, children, ready_read, holder)
+    return _supervise(settings, children, ready_read, holder, on_ready)
 
 
-def _supervise(settings: Settings, children: list[int], ready_read: int, holder: socket.socket | None) -> int:
+def _supervise(
+    settings: Settings,
+    children: list[int],
+    ready_read: int,
+    holder: socket.socket | None,
+    on_ready: Callable[[str], None] | None,
+) -> int:
     stopping = False
 
     def stop(signum: int, frame: FrameType | None) -> None:
@@ -92,7 +103,9 @@ def _supervise(settings: Settings, children: list[int], ready_read: int, holder:
     os.close(ready_read)
     if holder is not None:
         holder.close()  # every worker listens on the port now
-    if ready == len(children):
+    if ready == len(children) and on_ready is not None:
+        on_ready(settings.listen)
+    elif ready == len(children):
         print(
             f"roomsecrets: {len(children)} workers serving on {settings.listen} (PostgreSQL store, "
             f"data dir {settings.data_dir})",
