@@ -19,6 +19,7 @@ from ._common import READY, REPO_ROOT
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _TCP_LISTEN = "0A"
+_TCP_ESTABLISHED = "01"
 
 
 def taskset_prefix(cpu: int | None) -> list[str]:
@@ -179,6 +180,17 @@ def _killpg(pgid: int, sig: int) -> None:
 
 def listening_inodes(port: int) -> set[int]:
     """Socket inodes of every TCP (v4 and v6) socket in LISTEN state on `port`, any address."""
+    return _inodes(port, _TCP_LISTEN)
+
+
+def accepted_connections(port: int, pids: list[int]) -> dict[int, int]:
+    """How many established connections to `port` each of `pids` holds (a server's accepted
+    sockets: their local port is the server's)."""
+    established = _inodes(port, _TCP_ESTABLISHED)
+    return {pid: len(socket_inodes(pid) & established) for pid in pids}
+
+
+def _inodes(port: int, tcp_state: str) -> set[int]:
     inodes: set[int] = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -188,7 +200,7 @@ def listening_inodes(port: int) -> set[int]:
         for row in rows:
             cols = row.split()
             local, state, inode = cols[1], cols[3], cols[9]
-            if state == _TCP_LISTEN and int(local.rsplit(":", 1)[1], 16) == port:
+            if state == tcp_state and int(local.rsplit(":", 1)[1], 16) == port:
                 inodes.add(int(inode))
     return inodes
 
@@ -196,7 +208,11 @@ def listening_inodes(port: int) -> set[int]:
 def socket_inodes(pid: int) -> set[int]:
     out: set[int] = set()
     fd_dir = Path(f"/proc/{pid}/fd")
-    for fd in fd_dir.iterdir():
+    try:
+        fds = list(fd_dir.iterdir())
+    except OSError:  # the process is gone
+        return out
+    for fd in fds:
         try:
             target = os.readlink(fd)
         except OSError:

@@ -42,7 +42,7 @@ from tests.postgres import PostgresCluster
 from ._common import BENCH_DIR, log
 from .fixture import Workspace, seed, start_real, workspace
 from .ghz import GhzResult, find_ghz, run_ghz
-from .procs import CLOCK_TICKS, ServerProcess
+from .procs import CLOCK_TICKS, ServerProcess, accepted_connections
 from .run import _env, parse_duration
 
 
@@ -62,6 +62,12 @@ def postgres_cpu_seconds() -> float:
 
 
 WORKER_CONNECTIONS = 8
+
+
+def serving(server: ServerProcess) -> list[int]:
+    """The processes that take connections: the workers of a `--workers` parent, else itself."""
+    group = sorted(server.group())
+    return [pid for pid in group if pid != server.pid] or group
 
 
 def measure(
@@ -88,7 +94,11 @@ def measure(
         load(args.warmup, "warmup")
     servers0 = sum(t.cpu_seconds() for t in targets)
     pg0, t0 = postgres_cpu_seconds(), time.monotonic()
-    results = load(args.duration, f"r{rnd}-{name}")
+    with ThreadPoolExecutor(1) as background:
+        running = background.submit(load, args.duration, f"r{rnd}-{name}")
+        time.sleep(min(1.0, args.duration / 2))  # connected by now: where did the kernel put them?
+        spread = [n for t in targets for n in accepted_connections(t.port, serving(t)).values()]
+        results = running.result()
     wall = time.monotonic() - t0
     servers_cpu = sum(t.cpu_seconds() for t in targets) - servers0
     pg_cpu = postgres_cpu_seconds() - pg0
@@ -107,6 +117,7 @@ def measure(
         "postgres_cpu_us_per_call": pg_cpu * per_call,
         "ghz_cpu_us_per_call": sum(r.client_cpu_s for r in results) * per_call,
         "wall_s": wall,
+        "connections_per_process": spread,
         "problems": problems,
     }
 
@@ -150,7 +161,8 @@ def run(args: argparse.Namespace) -> int:
                         f"p99 {row['p99_ms']:6.2f} ms  CPU/call: "
                         f"replicas {row['server_cpu_us_per_call']:4.0f} us  "
                         f"postgres {row['postgres_cpu_us_per_call']:4.0f} us  "
-                        f"ghz {row['ghz_cpu_us_per_call']:4.0f} us"
+                        f"ghz {row['ghz_cpu_us_per_call']:4.0f} us  "
+                        f"connections per process {row['connections_per_process']}"
                         + (f"  INVALID: {row['problems']}" if row["problems"] else "")
                     )
     finally:
