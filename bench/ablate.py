@@ -101,26 +101,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ws = stack.enter_context(workspace())
                 spaces[name] = ws
                 ablation = VARIANTS.get(name, "")
-                if name in SETTINGS:
+                extra = SETTINGS.get(name) or (["--ablate", ablation, "--gc-stats"] if ablation else [])
+                if extra:
                     servers[name] = start_real(
                         ws,
                         cpu=server_cpu,
                         use_uvloop=True,
                         name=name,
                         module="bench.serve_ablated",
-                        extra=SETTINGS[name],
+                        extra=extra,
                     )
-                elif ablation is None:
-                    servers[name] = start_real(ws, cpu=server_cpu, use_uvloop=True, name=name)
                 else:
-                    servers[name] = start_real(
-                        ws,
-                        cpu=server_cpu,
-                        use_uvloop=True,
-                        name=name,
-                        module="bench.serve_ablated",
-                        extra=["--ablate", ablation, "--gc-stats"],
-                    )
+                    servers[name] = start_real(ws, cpu=server_cpu, use_uvloop=True, name=name)
                 seed(ws, servers[name], args.payload_bytes)
             if "echo" in names:
                 base = next(iter(spaces.values()), None) or stack.enter_context(workspace())

@@ -70,9 +70,9 @@ def no_audit() -> None:
     AuditLog.record = record  # type: ignore[method-assign]
 
 
-def no_sqlite() -> None:
+def _remembering_get(rows: dict[SecretKey, SecretRecord]) -> None:
+    """SqliteStore.get_secret answers from `rows` once a key was read (never invalidated)."""
     original = SqliteStore.get_secret
-    rows: dict[SecretKey, SecretRecord] = {}
 
     async def get_secret(self: SqliteStore, key: SecretKey) -> SecretRecord | None:
         found = rows.get(key)
@@ -83,6 +83,10 @@ def no_sqlite() -> None:
         return found
 
     SqliteStore.get_secret = get_secret  # type: ignore[method-assign]
+
+
+def no_sqlite() -> None:
+    _remembering_get({})
 
 
 def no_crypto() -> None:
@@ -131,23 +135,14 @@ def no_handler() -> None:
 
 
 def no_set_read() -> None:
-    original_get = SqliteStore.get_secret
     original_put = SqliteStore.put_secret
     rows: dict[SecretKey, SecretRecord] = {}
-
-    async def get_secret(self: SqliteStore, key: SecretKey) -> SecretRecord | None:
-        found = rows.get(key)
-        if found is None:
-            found = await original_get(self, key)
-            if found is not None:
-                rows[key] = found
-        return found
+    _remembering_get(rows)
 
     async def put_secret(self: SqliteStore, record: SecretRecord, condition: Any) -> None:
         await original_put(self, record, condition)
         rows[record.key] = record
 
-    SqliteStore.get_secret = get_secret  # type: ignore[method-assign]
     SqliteStore.put_secret = put_secret  # type: ignore[method-assign]
 
 

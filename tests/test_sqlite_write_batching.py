@@ -10,11 +10,13 @@ header in `<db>-shm` (https://www.sqlite.org/walformat.html).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
@@ -30,6 +32,15 @@ from roomsecrets_server.store.sqlite import SqliteStore
 from .harness import Participants
 
 pytestmark = pytest.mark.sqlite_only
+
+
+@contextlib.asynccontextmanager
+async def opened(db: Path, group_window: float = 0.01) -> AsyncIterator[SqliteStore]:
+    store = SqliteStore(db, group_window=group_window)
+    try:
+        yield store
+    finally:
+        await store.close()
 
 
 def commits(db: Path) -> int:
@@ -82,8 +93,7 @@ async def staggered_puts(store: SqliteStore, records: list[SecretRecord], gap: f
 async def test_writes_arriving_together_share_one_commit_and_are_each_on_disk(tmp_path: Path) -> None:
     db = tmp_path / "db.sqlite"
     window = 0.5
-    store = SqliteStore(db, group_window=window)
-    try:
+    async with opened(db, window) as store:
         alone = [record(f"alone{i}", "e") for i in range(GroupWindow.LEARN_EVERY - 1)]
         start = commits(db)
         for r in alone:  # one at a time: each commits at once, on its own
@@ -102,25 +112,19 @@ async def test_writes_arriving_together_share_one_commit_and_are_each_on_disk(tm
         assert commits(db) - start == 1
         for r in alone + together + again:  # every acknowledged write is committed
             assert read_directly(db, r.key) == (r.etag, r.sealed)
-    finally:
-        await store.close()
 
 
 async def test_a_lone_write_does_not_wait_out_the_window(tmp_path: Path) -> None:
     db = tmp_path / "db.sqlite"
-    store = SqliteStore(db, group_window=3600)  # a wait would time the test out
-    try:
+    async with opened(db, 3600) as store:  # a wait would time the test out
         for i in range(10):
             await asyncio.wait_for(store.put_secret(record(f"s{i}", "e"), ABSENT), timeout=30)
             assert read_directly(db, record(f"s{i}", "e").key) is not None
-    finally:
-        await store.close()
 
 
 async def test_a_failing_write_in_a_batch_fails_alone(tmp_path: Path) -> None:
     db = tmp_path / "db.sqlite"
-    store = SqliteStore(db, group_window=0.05)
-    try:
+    async with opened(db, 0.05) as store:
         await store.put_secret(record("taken", "e0"), ABSENT)
         outcomes = await asyncio.gather(
             store.put_secret(record("a", "e1"), ABSENT),
@@ -135,14 +139,11 @@ async def test_a_failing_write_in_a_batch_fails_alone(tmp_path: Path) -> None:
         # The cache holds only what succeeded.
         got = await store.get_secret(record("taken", "").key)
         assert got is not None and got.etag == "e0"
-    finally:
-        await store.close()
 
 
 async def test_our_own_writes_are_read_back_from_the_cache(tmp_path: Path) -> None:
     db = tmp_path / "db.sqlite"
-    store = SqliteStore(db)
-    try:
+    async with opened(db) as store:
         first = record("s", "e1")
         assert await store.get_secret(first.key) is None  # the cache has looked at the database
         ran = statements(store)
@@ -154,14 +155,11 @@ async def test_our_own_writes_are_read_back_from_the_cache(tmp_path: Path) -> No
         assert ran == [], ran  # both answered without a statement
         assert await store.delete_secret(second.key, ANY)
         assert await store.get_secret(second.key) is None  # dropped from the cache, not stale
-    finally:
-        await store.close()
 
 
 async def test_another_connections_commit_empties_the_cache(tmp_path: Path) -> None:
     db = tmp_path / "db.sqlite"
-    store = SqliteStore(db)
-    try:
+    async with opened(db) as store:
         ours = record("s", "ours")
         await store.put_secret(ours, ABSENT)
         assert await store.get_secret(ours.key) == ours
@@ -174,8 +172,6 @@ async def test_another_connections_commit_empties_the_cache(tmp_path: Path) -> N
         after = record("s", "ours-again")
         await store.put_secret(after, WriteCondition(etag="theirs"))
         assert await store.get_secret(after.key) == after
-    finally:
-        await store.close()
 
 
 def header(counter: int, salt: int = 0) -> bytes:
@@ -284,9 +280,8 @@ async def test_the_cache_never_serves_a_row_older_than_the_last_commit_under_a_f
     """Our batched writes and another process's commits interleave at random; whenever a read
     starts after both sides have stopped writing, it must see the database's row."""
     db = tmp_path / "db.sqlite"
-    store = SqliteStore(db, group_window=0.002)
     rng = random.Random(7)
-    try:
+    async with opened(db, 0.002) as store:
         keys = [record(f"s{i}", "e0").key for i in range(8)]
         for i in range(8):
             await store.put_secret(record(f"s{i}", "e0"), ABSENT)
@@ -312,8 +307,6 @@ async def test_the_cache_never_serves_a_row_older_than_the_last_commit_under_a_f
                 got = await store.get_secret(key)
                 assert got is not None
                 assert (got.etag, got.sealed) == read_directly(db, key), (round_, key)
-    finally:
-        await store.close()
 
 
 def test_concurrent_set_secret_calls_are_each_durable_and_read_back(room: Participants) -> None:
