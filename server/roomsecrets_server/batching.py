@@ -39,10 +39,6 @@ class GroupWindow:
         self._next_learning = self.LEARN_EVERY  # the batch number that runs its full window
         self._last_learning = 0
 
-    @property
-    def batches(self) -> int:
-        return self._batches
-
     def added(self) -> None:
         self._pending += 1
         if self._closing:
