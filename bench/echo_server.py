@@ -1,6 +1,8 @@
 """A bare grpc.aio server for `roomsecrets.v1.RoomSecrets` whose GetSecret and SetSecret return a
 prebuilt response: no auth, no store, no crypto, no audit. It is the ceiling for a Python gRPC
 server on this machine, with the real server's options (`server_options`) and event loop.
+Its WatchRequests sends a prebuilt `ready` event and then waits until the client goes: the least
+an idle stream can cost on grpc.aio, the floor for the memory per idle stream.
 
     python -m bench.echo_server [--listen 127.0.0.1:0] [--payload-bytes 64]
                                 [--get-response FILE] [--set-response FILE] [--no-uvloop]
@@ -17,7 +19,7 @@ import asyncio
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,9 @@ def secret_info(data: bytes) -> pb.SecretInfo:
     return info
 
 
+_READY = pb.WatchRequestsResponse(ready=pb.WatchReady(pending=0))
+
+
 def default_get_response(data: bytes) -> pb.GetSecretResponse:
     return pb.GetSecretResponse(secret=secret_info(data), data=data, data_crc32c=crc32c(data))
 
@@ -61,7 +66,8 @@ def default_set_response(data: bytes) -> pb.SetSecretResponse:
 
 
 class EchoServicer(pb_grpc.RoomSecretsServicer):
-    """GetSecret and SetSecret answer with a prebuilt message; the other methods stay UNIMPLEMENTED."""
+    """GetSecret and SetSecret answer with a prebuilt message, WatchRequests with a prebuilt `ready`
+    and then nothing; the other methods stay UNIMPLEMENTED."""
 
     def __init__(self, get_response: pb.GetSecretResponse, set_response: pb.SetSecretResponse) -> None:
         self._get = get_response
@@ -72,6 +78,13 @@ class EchoServicer(pb_grpc.RoomSecretsServicer):
 
     async def SetSecret(self, request: pb.SetSecretRequest, context: Any) -> pb.SetSecretResponse:
         return self._set
+
+    async def WatchRequests(
+        self, request: pb.WatchRequestsRequest, context: Any
+    ) -> AsyncIterator[pb.WatchRequestsResponse]:
+        # The same shape as the real handler (an async generator) so the floor is like for like.
+        yield _READY
+        await asyncio.get_running_loop().create_future()  # until the call is cancelled
 
 
 async def serve_echo(listen: str, servicer: EchoServicer, loop: str) -> None:

@@ -20,7 +20,8 @@ BENCH_DURATION, ...); BENCH_QUICK=1 (or --quick) is a CI-like smoke run: 1,000 a
            deleting the provided secret after its round trip (untimed) unless --keep-provided.
 * watch:   WatchRequests delivery latency (RequestSecret sent -> event on bob's stream), without
            and then with --streams idle streams open (in --open-steps batches); and, in the same
-           run, the server's VmRSS growth per idle stream.
+           run, the server's VmRSS growth per idle stream, next to the same growth on the bare
+           grpc.aio echo server (whose WatchRequests sends `ready` and waits): the floor.
 
 Opt-in (only when named in --only), for costs found while building these:
 * list-crowded: the caller's last ListSecrets page alone in its room vs in a room that also holds
@@ -809,8 +810,35 @@ def scenario_request(run: Run, out: Outcome) -> None:
 
 
 # -- 4 + 5. delivery latency with idle streams, memory per idle stream ----------------------------
+def _idle_stream_args(cfg: Config) -> list[str]:
+    return [
+        "--streams",
+        str(cfg.streams),
+        "--streams-per-channel",
+        str(cfg.streams_per_channel),
+        "--open-steps",
+        str(cfg.open_steps),
+    ]
+
+
+def _idle_floor(run: Run) -> dict[str, Any]:
+    """Memory per idle stream on the bare grpc.aio echo server: same options, loop, tokens and
+    handler shape (an async generator that yields `ready` and waits), nothing of ours."""
+    data_dir = run.fresh_dir("watch-echo")  # only for the dev key the client mints tokens from
+    argv = [sys.executable, "-m", "bench.echo_server", "--listen", "127.0.0.1:0"]
+    if not run.cfg.use_uvloop:
+        argv.append("--no-uvloop")
+    server = ServerProcess.start("watch-echo", argv, cpu=run.server_cpu, log_dir=run.root)
+    try:
+        server.check_sole_listener()
+        return run_client(run, "idle", server, data_dir, _idle_stream_args(run.cfg))
+    finally:
+        server.stop()
+
+
 def scenario_watch(run: Run, out: Outcome) -> None:
     cfg = run.cfg
+    floor = _idle_floor(run)
     data_dir = run.fresh_dir("watch")
     server = run.start_server("watch", data_dir)
     try:
@@ -819,22 +847,16 @@ def scenario_watch(run: Run, out: Outcome) -> None:
             "watch",
             server,
             data_dir,
-            [
-                "--streams",
-                str(cfg.streams),
-                "--streams-per-channel",
-                str(cfg.streams_per_channel),
-                "--open-steps",
-                str(cfg.open_steps),
-                "--deliveries",
-                str(cfg.deliveries),
-            ],
+            [*_idle_stream_args(cfg), "--deliveries", str(cfg.deliveries)],
         )
     finally:
         run.stop(server)
     out.detail = result
+    out.detail["echo_floor"] = floor
     if result["errors"]:
         out.problems.append(f"failures: {result['errors']}")
+    if floor["errors"]:
+        out.problems.append(f"echo floor failures: {floor['errors']}")
     for phase in ("baseline", "with_idle_streams"):
         if result[phase]["errors"] or result[phase]["count"] < cfg.deliveries:
             out.problems.append(
@@ -842,14 +864,22 @@ def scenario_watch(run: Run, out: Outcome) -> None:
             )
     base, loaded = result["baseline"], result["with_idle_streams"]
     p99_ok = loaded["p99_ms"] < TARGET_DELIVERY_P99_MS
-    kib = result["kib_per_stream"]
+    kib, floor_kib = result["kib_per_stream"], floor["kib_per_stream"]
     mem_ok = kib < TARGET_KIB_PER_STREAM
     out.detail["met"] = {"delivery_p99": p99_ok, "kib_per_stream": mem_ok}
     out.detail["target"] = {
         "delivery_p99_ms": TARGET_DELIVERY_P99_MS,
         "kib_per_stream": TARGET_KIB_PER_STREAM,
     }
-    before, after = result["memory_kib_before"]["VmRSS"], result["memory_kib_after"]["VmRSS"]
+
+    def memory_other(r: dict[str, Any]) -> str:
+        before, after = r["memory_kib_before"]["VmRSS"], r["memory_kib_after"]["VmRSS"]
+        return (
+            f"opened in {cfg.open_steps} batches; server VmRSS {before / 1024:.1f} → "
+            f"{after / 1024:.1f} MiB; last batch {r['marginal_kib_per_stream']:.1f} KiB/stream; "
+            f"{r['open_server_cpu_us_per_stream']:.0f} µs CPU per stream opened"
+        )
+
     out.rows += [
         Row(
             "WatchRequests delivery",
@@ -870,11 +900,19 @@ def scenario_watch(run: Run, out: Outcome) -> None:
         ),
         Row(
             "memory per idle stream",
+            f"bare grpc.aio echo (the floor): {cfg.streams:,} streams over {floor['channels']} connections",
+            rate=f"opened in {floor['open_s']:.1f} s",
+            other=memory_other(floor),
+            check=f"{floor_kib:.1f} KiB/stream",
+        ),
+        Row(
+            "memory per idle stream",
             f"{cfg.streams:,} WatchRequests streams over {result['channels']} connections",
             rate=f"opened in {result['open_s']:.1f} s",
-            other=f"opened in {cfg.open_steps} batches; server VmRSS {before / 1024:.1f} → "
-            f"{after / 1024:.1f} MiB; last batch {result['marginal_kib_per_stream']:.1f} KiB/stream; "
-            f"{result['open_server_cpu_us_per_stream']:.0f} µs CPU per stream opened",
+            other=f"{kib - floor_kib:.1f} KiB/stream over the floor ({kib / floor_kib:.2f}x); "
+            + memory_other(result)
+            if floor_kib > 0
+            else memory_other(result),
             check=f"{kib:.1f} KiB/stream",
             target=f"< {TARGET_KIB_PER_STREAM:g} KiB",
             verdict=_verdict(mem_ok),

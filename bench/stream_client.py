@@ -6,6 +6,8 @@ process (pinned to CPU 1 when pinning, the server being on CPU 0). It writes its
         [--requesters 16] [--duration 5] [--warmup 2] [--keep-provided]
     python -m bench.stream_client watch --port P --data-dir D --server-pid PID --out F
         [--streams 10000] [--streams-per-channel 500] [--open-steps 10] [--deliveries 500]
+    python -m bench.stream_client idle --port P --data-dir D --server-pid PID --out F
+        [--streams 10000] [--streams-per-channel 500] [--open-steps 10]
 
 roundtrip: bob holds one WatchRequests stream and answers each secret_request with ProvideSecret as
 soon as it arrives; --requesters concurrent alice workers call RequestSecret(from bob, a url never
@@ -26,6 +28,10 @@ streams per connection). They open in --open-steps equal batches, each batch all
 counts as open once the server sent its `ready` event, which comes after it registered the stream.
 The server's VmRSS is read (once it stops moving) before the first batch and after each; the growth
 over --streams is the memory per idle stream.
+
+idle: only the idle streams of `watch` and the server's memory, with the same tokens. Run against
+the bare grpc.aio echo server (bench.echo_server), it gives what grpc.aio itself holds per idle
+stream: the floor the real server's figure is compared with.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -444,6 +450,55 @@ async def settled_rss(pid: int, *, interval: float = 0.5, tries: int = 20) -> di
     return last
 
 
+async def open_idle(args: argparse.Namespace, idle: IdleStreams) -> dict[str, Any]:
+    """Open --streams idle streams in --open-steps equal batches (each batch all at once), reading
+    the server's VmRSS before the first and after each: total growth / streams is the figure the
+    target is about; the last batch's growth over its size is the marginal cost of one more stream
+    once the server holds many."""
+    before = await settled_rss(args.server_pid)
+    steps = [before]
+    open_s = open_cpu = 0.0
+    for k in range(1, args.open_steps + 1):
+        upto = args.streams * k // args.open_steps
+        cpu0 = server_cpu_seconds(args.server_pid)
+        open_s += await idle.open(upto, timeout=60 + args.streams / args.open_steps / 50)
+        open_cpu += server_cpu_seconds(args.server_pid) - cpu0
+        steps.append(await settled_rss(args.server_pid))
+    after = steps[-1]
+    last_batch = args.streams - args.streams * (args.open_steps - 1) // args.open_steps
+    log(
+        f"  {args.mode}: {idle.ready} idle streams open in {open_s:.1f}s; server RSS (MiB) "
+        + " -> ".join(f"{m['VmRSS'] / 1024:.1f}" for m in steps)
+    )
+    growth = after["VmRSS"] - before["VmRSS"]
+    return {
+        "streams": args.streams,
+        "channels": len(idle.channels),
+        "streams_per_channel": args.streams_per_channel,
+        "open_s": open_s,
+        "open_server_cpu_us_per_stream": open_cpu / args.streams * 1e6 if args.streams else 0.0,
+        "open_steps": args.open_steps,
+        "memory_kib_before": before,
+        "memory_kib_steps": steps[1:],
+        "memory_kib_after": after,
+        "rss_growth_kib": growth,
+        "kib_per_stream": growth / args.streams if args.streams else 0.0,
+        "marginal_kib_per_stream": (after["VmRSS"] - steps[-2]["VmRSS"]) / last_batch if last_batch else 0.0,
+    }
+
+
+async def idle_only(args: argparse.Namespace) -> dict[str, Any]:
+    """Only the idle streams and their memory: run against the bare grpc.aio echo server, whose
+    WatchRequests sends `ready` and waits, it measures what grpc.aio itself holds per stream."""
+    idle = IdleStreams(args.port, args.data_dir, args.streams, args.streams_per_channel)
+    try:
+        result = await open_idle(args, idle)
+        result["errors"] = {f"idle: {k}": v for k, v in idle.failures.items()}
+        return result
+    finally:
+        await idle.close()
+
+
 async def watch(args: argparse.Namespace) -> dict[str, Any]:
     bob_channel = open_channel(args.port)
     alice_channel = open_channel(args.port)
@@ -457,24 +512,7 @@ async def watch(args: argparse.Namespace) -> dict[str, Any]:
         baseline = await deliveries(alice, md, bob, args.deliveries, "baseline")
         log(f"  watch: baseline delivery p50 {baseline['p50_ms']:.2f} ms, p99 {baseline['p99_ms']:.2f} ms")
         await bob.tasks.drain()
-        # Opened in --open-steps equal batches (each batch all at once), RSS read after each:
-        # total growth / streams is the figure the target is about; the last batch's growth over
-        # its size is the marginal cost of one more stream once the server holds many.
-        before = await settled_rss(args.server_pid)
-        steps = [before]
-        open_s = open_cpu = 0.0
-        for k in range(1, args.open_steps + 1):
-            upto = args.streams * k // args.open_steps
-            cpu0 = server_cpu_seconds(args.server_pid)
-            open_s += await idle.open(upto, timeout=60 + args.streams / args.open_steps / 50)
-            open_cpu += server_cpu_seconds(args.server_pid) - cpu0
-            steps.append(await settled_rss(args.server_pid))
-        after = steps[-1]
-        last_batch = args.streams - args.streams * (args.open_steps - 1) // args.open_steps
-        log(
-            f"  watch: {idle.ready} idle streams open in {open_s:.1f}s; server RSS (MiB) "
-            + " -> ".join(f"{m['VmRSS'] / 1024:.1f}" for m in steps)
-        )
+        memory = await open_idle(args, idle)
         loaded = await deliveries(alice, md, bob, args.deliveries, "idle")
         await bob.tasks.drain()
         end = server_memory_kib(args.server_pid)
@@ -483,23 +521,9 @@ async def watch(args: argparse.Namespace) -> dict[str, Any]:
         errors.update({f"idle: {k}": v for k, v in idle.failures.items()})
         if bob.ended is not None:
             errors[f"bob: {bob.ended}"] += 1
-        growth = after["VmRSS"] - before["VmRSS"]
         return {
-            "streams": args.streams,
-            "channels": len(idle.channels),
-            "streams_per_channel": args.streams_per_channel,
-            "open_s": open_s,
-            "open_server_cpu_us_per_stream": open_cpu / args.streams * 1e6 if args.streams else 0.0,
-            "open_steps": args.open_steps,
-            "memory_kib_before": before,
-            "memory_kib_steps": steps[1:],
-            "memory_kib_after": after,
+            **memory,
             "memory_kib_end": end,
-            "rss_growth_kib": growth,
-            "kib_per_stream": growth / args.streams if args.streams else 0.0,
-            "marginal_kib_per_stream": (after["VmRSS"] - steps[-2]["VmRSS"]) / last_batch
-            if last_batch
-            else 0.0,
             "baseline": baseline,
             "with_idle_streams": loaded,
             "errors": dict(errors),
@@ -512,14 +536,20 @@ async def watch(args: argparse.Namespace) -> dict[str, Any]:
         await bob_channel.close(None)
 
 
-# -- main -----------------------------------------------------------------------------------------
+MODES: dict[str, Callable[[argparse.Namespace], Awaitable[dict[str, Any]]]] = {
+    "roundtrip": roundtrip,
+    "watch": watch,
+    "idle": idle_only,
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench.stream_client",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("mode", choices=("roundtrip", "watch"))
+    p.add_argument("mode", choices=tuple(MODES))
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--data-dir", type=Path, required=True, help="the server's, for its dev key")
     p.add_argument("--server-pid", type=int, required=True, help="read its CPU time and VmRSS")
@@ -536,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--streams-per-channel", type=int, default=500)
     p.add_argument("--deliveries", type=int, default=500)
     p.add_argument(
-        "--open-steps", type=int, default=10, help="watch: open the idle streams in N batches (10)"
+        "--open-steps", type=int, default=10, help="watch, idle: open the idle streams in N batches (10)"
     )
     p.add_argument("--no-uvloop", action="store_true")
     return p
@@ -547,7 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result: dict[str, Any] = {}
 
     async def run() -> None:
-        result.update(await (roundtrip(args) if args.mode == "roundtrip" else watch(args)))
+        result.update(await MODES[args.mode](args))
 
     run_loop(run(), not args.no_uvloop)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
