@@ -209,7 +209,7 @@ def test_a_watcher_that_never_reads_cannot_make_the_server_hold_events_without_b
 
     async def subscriptions() -> list[tuple[bool, int]]:
         subs = [s for subs in local_subscriptions(server).values() for s in subs]
-        return [(s.overflowed, len(s._events)) for s in subs]
+        return [(s.overflowed, s.queued) for s in subs]
 
     deadline = time.monotonic() + 10
     while not server.call(subscriptions()) and time.monotonic() < deadline:

@@ -8,13 +8,16 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from roomsecrets.v1 import room_secrets_pb2 as pb
+from roomsecrets_server.requests.notifier import DeliveredRequests, RequestClosed, RequestOpened
+from roomsecrets_server.store import RequestRecord, RequestState
 
 from .harness import Participants, ServerThread, test_settings
 
@@ -379,6 +382,57 @@ def test_new_stream_replays_pending_requests(room: Participants, watchers: list[
         assert pending.result(timeout=10).data == b"v"
         # Both streams of the same identity hear that it was answered.
         assert first.closed(request_id).state == second.closed(request_id).state == pb.REQUEST_STATE_PROVIDED
+
+
+def test_a_republished_pending_request_reaches_a_stream_once(
+    server: ServerThread, room: Participants, watchers: list[Watcher]
+) -> None:
+    """A PgNotifier resync republishes every pending request to the streams still open; the
+    participant must not be asked twice. Checked by republishing on the server's own notifier."""
+    bob = Watcher(room, "bob")
+    watchers.append(bob)
+    assert server.server is not None
+    requests, store = server.server.requests, server.server.store
+
+    async def republish(request_id: str) -> None:
+        record = await store.get_request(request_id)
+        assert record is not None
+        requests._notifier.publish(record.room, record.target, RequestOpened(record))
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(ask, room, url="https://x.example/first")
+        first_id = bob.wait_for(lambda e: e.HasField("secret_request")).secret_request.request_id
+        server.call(republish(first_id))
+        # Events reach a stream in order: once the second request is here, the republished
+        # first one has been through the stream too.
+        second = pool.submit(ask, room, url="https://x.example/second")
+        bob.wait_for(lambda e: e.HasField("secret_request") and e.secret_request.url.endswith("second"))
+        assert [r.request_id for r in bob.requests()].count(first_id) == 1
+        for request in bob.requests():
+            room.stub.RejectSecret(
+                pb.RejectSecretRequest(request_id=request.request_id, error="no"), metadata=room.auth("bob")
+            )
+        for asked in (first, second):
+            with pytest.raises(grpc.RpcError):
+                asked.result(timeout=10)
+
+
+def test_a_stream_remembers_only_the_requests_still_open() -> None:
+    """What a stream keeps to avoid asking twice must not grow with every request it ever
+    delivered: a stream can live for months."""
+    delivered = DeliveredRequests(["pending-at-start"])
+
+    def opened(request_id: str) -> RequestOpened:
+        return RequestOpened(cast(RequestRecord, SimpleNamespace(request_id=request_id)))
+
+    assert not delivered.first_time(opened("pending-at-start"))  # already sent from the store
+    for n in range(1000):
+        assert delivered.first_time(opened(f"r{n}"))
+        assert not delivered.first_time(opened(f"r{n}"))  # republished while open
+        assert delivered.first_time(RequestClosed(f"r{n}", RequestState.REJECTED, "no"))
+    assert len(delivered) == 1  # only the one never closed
+    assert delivered.first_time(RequestClosed("pending-at-start", RequestState.EXPIRED, "timed out"))
+    assert len(delivered) == 0
 
 
 def test_provided_secret_answers_again_until_deleted(room: Participants, watchers: list[Watcher]) -> None:

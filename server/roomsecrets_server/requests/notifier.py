@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Protocol
@@ -40,20 +40,28 @@ class Subscription:
     WatchRequests starts with every request still pending."""
 
     MAX_UNDELIVERED = 1024
-    # Thousands of these sit idle at once (one per open stream), so they are lean: a deque and,
-    # only while the stream's reader waits, one future (an asyncio.Queue costs ~1.5 KiB more).
+    # Thousands of these sit idle at once (one per open stream), so they are lean: no queue until
+    # an event comes (an empty deque is ~630 B) and, only while the stream's reader waits, one
+    # future (an asyncio.Queue would cost ~1.5 KiB more).
     __slots__ = ("_events", "_wakeup", "identity", "overflowed", "room")
 
     def __init__(self, room: str, identity: str) -> None:
         self.room = room
         self.identity = identity
         self.overflowed = False
-        self._events: deque[Event | None] = deque()
+        self._events: deque[Event | None] | None = None
         self._wakeup: asyncio.Future[None] | None = None
+
+    @property
+    def queued(self) -> int:
+        """Events (and the end-of-stream marker) pushed but not yet read."""
+        return len(self._events) if self._events is not None else 0
 
     def push(self, event: Event | None) -> None:
         if self.overflowed:
             return
+        if self._events is None:
+            self._events = deque()
         if event is not None and len(self._events) >= self.MAX_UNDELIVERED:
             self.overflowed = True
             self._events.clear()  # free the backlog now, not when the stream ends
@@ -71,9 +79,37 @@ class Subscription:
                 finally:
                     self._wakeup = None
             event = self._events.popleft()
+            if not self._events:
+                self._events = None  # idle again: give the deque's block back
             if event is None:
                 return
             yield event
+
+
+class DeliveredRequests:
+    """The requests a stream has delivered that are still open, so none reaches the participant
+    twice: a request pending when the stream starts may also arrive as an event, and a PgNotifier
+    resync republishes every pending request. An id leaves when the request's RequestClosed
+    passes, so a stream that lives for months holds only what is still open."""
+
+    __slots__ = ("_open",)
+
+    def __init__(self, pending: Iterable[str]) -> None:
+        self._open = set(pending)
+
+    def first_time(self, event: Event) -> bool:
+        """Whether `event` should go out on the stream (and remember what it opens or closes)."""
+        if isinstance(event, RequestClosed):
+            self._open.discard(event.request_id)
+            return True
+        request_id = event.record.request_id
+        if request_id in self._open:
+            return False
+        self._open.add(request_id)
+        return True
+
+    def __len__(self) -> int:
+        return len(self._open)
 
 
 class RequestWatch:

@@ -47,7 +47,7 @@ from ..store import (
     Store,
     WriteCondition,
 )
-from .notifier import Event, Notifier, RequestClosed, RequestOpened
+from .notifier import DeliveredRequests, Event, Notifier, RequestClosed, RequestOpened
 
 T = TypeVar("T")
 
@@ -369,16 +369,14 @@ class RequestService:
         try:
             await self._audit.record("watch_requests", room=p.room, actor=p.identity)
             pending = await self._store.pending_requests_for(p.room, p.identity, time.time())
-            seen = {r.request_id for r in pending}
+            delivered = DeliveredRequests(r.request_id for r in pending)
             for record in pending:
                 yield RequestOpened(record)
             yield WatchReady(len(pending))
+            del pending  # the stream may idle for days: hold no more than `delivered`
             async for event in subscription.events():
-                if isinstance(event, RequestOpened):
-                    if event.record.request_id in seen:
-                        continue
-                    seen.add(event.record.request_id)
-                yield event
+                if delivered.first_time(event):
+                    yield event
             if subscription.overflowed:
                 raise ResourceExhausted(
                     f"this stream fell {subscription.MAX_UNDELIVERED} events behind; reconnect "
