@@ -90,7 +90,9 @@ class DeliveredRequests:
     """The requests a stream has delivered that are still open, so none reaches the participant
     twice: a request pending when the stream starts may also arrive as an event, and a PgNotifier
     resync republishes every pending request. An id leaves when the request's RequestClosed
-    passes, so a stream that lives for months holds only what is still open."""
+    passes, so a stream that lives for months holds only what is still open. (A resync racing a
+    close can still resend a request just closed; answering it fails REQUEST_NOT_PENDING, as any
+    late answer does.)"""
 
     __slots__ = ("_open",)
 
