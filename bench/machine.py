@@ -7,6 +7,7 @@ import platform
 import sqlite3
 import subprocess
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -100,3 +101,29 @@ def markdown(machine: dict[str, Any]) -> str:
             f"- commit {commit}",
         ]
     )
+
+
+def cpu_busy(sample: float = 1.0) -> float:
+    """The fraction of all CPUs' time over the next `sample` seconds that was not idle (iowait
+    counts as busy: a disk still flushing slows an fsync-bound benchmark too)."""
+
+    def idle_and_total() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return fields[3], sum(fields[:8])  # idle; user .. steal (guest time is inside user)
+
+    idle0, total0 = idle_and_total()
+    time.sleep(sample)
+    idle1, total1 = idle_and_total()
+    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def wait_until_quiet(*, busy_below: float = 0.15, timeout: float = 60.0) -> float:
+    """Wait, up to `timeout` seconds, until the CPUs are under `busy_below` busy over a second: the
+    previous benchmark's processes gone and its database flushed (a scenario measured right after
+    bench.scaleout once found the machine at load average 6 and a list page 1.42x slower than on
+    a quiet one). Returns the last sample, for the report."""
+    deadline = time.monotonic() + timeout
+    while True:
+        busy = cpu_busy()
+        if busy < busy_below or time.monotonic() >= deadline:
+            return busy

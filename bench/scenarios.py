@@ -402,6 +402,7 @@ class Outcome:
     problems: list[str] = field(default_factory=list)
     error: str = ""
     seconds: float = 0.0
+    busy_before: float = 0.0  # the machine's CPUs, over a second just before the scenario
 
     @property
     def valid(self) -> bool:
@@ -986,6 +987,7 @@ def report(cfg: Config, run: Run, outcomes: list[Outcome], meta: dict[str, Any],
             o.name: {
                 **o.detail,
                 "seconds": o.seconds,
+                "cpu_busy_before": o.busy_before,
                 "valid": o.valid,
                 "problems": o.problems,
                 "error": o.error,
@@ -1054,7 +1056,9 @@ def execute(cfg: Config) -> int:
         for name in cfg.only:
             outcome = Outcome(name)
             outcomes.append(outcome)
-            log(f"[{name}] {TITLES[name]}")
+            busy = machine.wait_until_quiet()
+            log(f"[{name}] {TITLES[name]} (machine {busy:.0%} busy before it)")
+            outcome.busy_before = busy
             t0 = time.monotonic()
             try:
                 RUNNERS[name](run, outcome)
