@@ -118,10 +118,10 @@ def cpu_busy(sample: float = 1.0) -> float:
 
 
 def wait_until_quiet(*, busy_below: float = 0.15, timeout: float = 60.0) -> float:
-    """Wait, up to `timeout` seconds, until the CPUs are under `busy_below` busy over a second: the
-    previous benchmark's processes gone and its database flushed (a scenario measured right after
-    bench.scaleout once found the machine at load average 6 and a list page 1.42x slower than on
-    a quiet one). Returns the last sample, for the report."""
+    """Wait, up to `timeout` seconds, until the CPUs are under `busy_below` busy over a second, so
+    no scenario starts while the previous benchmark's processes still run. (One list run right
+    after bench.scaleout measured 1.42x, and 0.98x rerun alone. The load average cannot tell: a
+    minute after scaleout it still says 6 with the CPUs idle.) Returns the last sample."""
     deadline = time.monotonic() + timeout
     while True:
         busy = cpu_busy()
