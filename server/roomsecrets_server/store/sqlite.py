@@ -472,7 +472,7 @@ class _RecordCache:
 
 
 class SqliteStore:
-    def __init__(self, path: Path, *, group_window: float = 0.002) -> None:
+    def __init__(self, path: Path, *, group_window: float) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         write = _connect(path)
         write.executescript(SCHEMA)
