@@ -209,6 +209,8 @@ class OAuthProvider:
         self.access_token_lifetime = access_token_lifetime
         #: Seconds the token endpoint sleeps before handling a refresh_token grant (to overlap refreshes).
         self.token_delay = token_delay
+        #: Seconds it sleeps before handling an authorization_code grant (to overlap exchanges).
+        self.code_delay = 0.0
         self._lock = threading.Lock()
         self._clients: dict[str, Client] = {}
         self._codes: dict[str, AuthorizationCode] = {}
@@ -246,6 +248,8 @@ class OAuthProvider:
                 self._token_requests[grant_type] += 1
             if grant_type == "refresh_token" and self.token_delay > 0:
                 time.sleep(self.token_delay)
+            if grant_type == "authorization_code" and self.code_delay > 0:
+                time.sleep(self.code_delay)
             response: Response = server.create_token_response()
             return response
 

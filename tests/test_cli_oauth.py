@@ -12,11 +12,12 @@ from urllib.parse import urlencode
 
 import pytest
 
-from .harness import Participants
+from .harness import Participants, ServerThread, test_settings
 from .oauth_provider import OAuthProvider
 from .test_cli import Cli, Lines, stderr_line
-from .test_oauth import CLIENT_SECRET, REDIRECT
+from .test_oauth import CLIENT_SECRET, REDIRECT, provider_allowed
 
+INVALID_ARGUMENT = 64 + 3
 PERMISSION_DENIED = 64 + 7
 NOT_FOUND = 64 + 5
 NO_TOKEN = NOT_FOUND
@@ -28,6 +29,16 @@ def provider() -> Iterator[OAuthProvider]:
     with OAuthProvider(access_token_lifetime=3600) as running:
         running.register_client("app", CLIENT_SECRET, [REDIRECT], scope="read write")
         yield running
+
+
+@pytest.fixture
+def server(data_dir: Path, database_url: str, provider: OAuthProvider) -> Iterator[ServerThread]:
+    """The egress policy lets the server reach the test provider's loopback port, no other."""
+    running = ServerThread(
+        test_settings(data_dir, database_url=database_url, egress_allow=provider_allowed(provider))
+    ).start()
+    yield running
+    running.stop()
 
 
 @pytest.fixture
@@ -123,6 +134,14 @@ def test_connectors_set_list_get_delete_never_show_the_secret(
     )  # fmt: skip
     kept = json.loads(replaced)
     assert kept["has_client_secret"] is True and kept["extra_params"] == {}
+    # ... but not for other endpoints: the secret is never sent where it was not given for.
+    repointed = admin(
+        "oauth", "connectors", "set", "example", "--client-id", "app",
+        "--authorization-endpoint", provider.authorization_endpoint,
+        "--token-endpoint", "https://elsewhere.example/token",
+    )  # fmt: skip
+    assert repointed.returncode == INVALID_ARGUMENT
+    assert "client.client_secret: is required when changing token_endpoint" in stderr_line(repointed)
 
     denied = alice(
         "oauth", "connectors", "set", "mine", "--client-id", "app",
@@ -168,7 +187,11 @@ def test_request_provide_token_end_to_end(
 
     code, state = provider.authorize(inbound["authorization_url"])
     redirect = f"{REDIRECT}?{urlencode({'code': code, 'state': state})}"
-    provided = bob("oauth", "provide", "--request-id", inbound["request_id"], "--redirect-url", redirect)
+    # The redirect (it holds the code) on stdin, not in argv where `ps` shows it.
+    provided = bob(
+        "oauth", "provide", "--request-id", inbound["request_id"], "--redirect-url-file", "-",
+        stdin=redirect.encode() + b"\n",
+    )  # fmt: skip
     assert provided.returncode == 0, provided.stderr
     assert provided.stdout == b""
 
@@ -253,6 +276,19 @@ def test_usage_errors(alice: Cli, provider: OAuthProvider, secret_file: Path) ->
     assert "refused the authorization: access_denied" in stderr_line(refused)
     no_code = alice("oauth", "provide", "--request-id", "r1", "--redirect-url", f"{REDIRECT}?state=s1")
     assert no_code.returncode == 2 and "no single `code`" in stderr_line(no_code)
+    # The state is required: a redirect without it, or a code without --state, is refused
+    # before any call (the server would refuse it too).
+    for args, says in [
+        (["--redirect-url", f"{REDIRECT}?code=c"], "--redirect-url: no single `state`"),
+        (["--redirect-url", f"{REDIRECT}?code=c&state="], "--redirect-url: no single `state`"),
+        (["--redirect-url-file", "-"], "--redirect-url-file: no single `state`"),
+        (["--code", "c"], "--code needs --state"),
+        (["--code-file", "-"], "--code-file needs --state"),
+    ]:
+        stateless = alice(
+            "oauth", "provide", "--request-id", "r1", *args, stdin=f"{REDIRECT}?code=c\n".encode()
+        )
+        assert stateless.returncode == 2 and says in stderr_line(stateless), stateless.stderr
     clash = alice(
         "oauth", "provide", "--request-id", "r1",
         "--redirect-url", f"{REDIRECT}?code=c&state=s1", "--state", "s2",

@@ -41,10 +41,21 @@ def provider() -> Iterator[OAuthProvider]:
         yield running
 
 
+def provider_allowed(provider: OAuthProvider) -> tuple[str, ...]:
+    """The egress allow-list entry that lets the server reach the test provider on loopback: its
+    port only, so every other loopback port stays refused."""
+    return (provider.base_url.removeprefix("http://"),)
+
+
 @pytest.fixture
-def server(data_dir: Path, database_url: str) -> Iterator[ServerThread]:
+def server(data_dir: Path, database_url: str, provider: OAuthProvider) -> Iterator[ServerThread]:
     running = ServerThread(
-        test_settings(data_dir, oauth_refresh_margin=1.0, database_url=database_url)
+        test_settings(
+            data_dir,
+            oauth_refresh_margin=1.0,
+            database_url=database_url,
+            egress_allow=provider_allowed(provider),
+        )
     ).start()
     yield running
     running.stop()
@@ -416,7 +427,11 @@ SECOND_SERVER = textwrap.dedent(
         print(server.address, flush=True)
 
     settings = Settings(
-        data_dir=Path(sys.argv[1]), listen="127.0.0.1:0", oauth_refresh_margin=1.0, database_url=sys.argv[2]
+        data_dir=Path(sys.argv[1]),
+        listen="127.0.0.1:0",
+        oauth_refresh_margin=1.0,
+        database_url=sys.argv[2],
+        egress_allow=(sys.argv[3],),
     )
     asyncio.run(serve(settings, ready))
     """
@@ -432,7 +447,14 @@ def test_concurrent_offline_calls_on_two_server_processes_refresh_once(
     # database: its own store connections, locks and OAuth service; only the store (a lease row,
     # check-and-set on the token row) is shared.
     process = subprocess.Popen(
-        [sys.executable, "-c", SECOND_SERVER, str(data_dir), room.server.settings.database_url],
+        [
+            sys.executable,
+            "-c",
+            SECOND_SERVER,
+            str(data_dir),
+            room.server.settings.database_url,
+            *provider_allowed(provider),
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -518,6 +540,9 @@ def test_connectors_keep_the_client_secret_on_the_server(room: Participants, pro
         ({"token_endpoint_auth_method": "private_key_jwt"}, "oauth.token_endpoint_auth_method"),
         ({"extra_params": {"state": "x"}}, "oauth.extra_params"),
         ({"scopes": ["read write"]}, "oauth.scopes"),
+        ({"token_endpoint": "https://user:pw@auth.example/token"}, "oauth.token_endpoint"),
+        ({"token_endpoint": "https://auth.example:99999/token"}, "oauth.token_endpoint"),
+        ({"token_endpoint": "https://2130706433/token"}, "oauth.token_endpoint"),
     ],
 )
 def test_bad_client_config_names_the_field(

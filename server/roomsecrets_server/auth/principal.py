@@ -2,7 +2,9 @@
 
 Token claims: `name` (identity), `sub` (project id), `kid`, `exp`, and `grants`, a list of
 `{name, scope}`: `room` (room name), `role` (user | agent | tool), `api` ({"secrets": {...},
-"admin": {...}}). `api.secrets.request_oauth_token` optionally lists `{endpoint, client_id}`.
+"admin": {...}}). `api.secrets.request_oauth_token` optionally lists `{endpoint, client_id}`
+entries, each with an optional `token_endpoint` (exact, or a prefix ending in `*`); without it the
+token endpoint must be on the authorization endpoint's origin (scheme://host:port).
 An optional `project` grant carries the caller's role in the project (`sub`):
 `{"role": "admin" | "developer" | "service", "service": "<name>"}` (service: the one service
 whose identity the token is).
@@ -14,7 +16,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from ..errors import PermissionDenied, Unauthenticated
 
@@ -24,15 +26,39 @@ PROJECT_ROLES = ("admin", "developer", "service")
 
 @dataclass(frozen=True, slots=True)
 class OAuthEndpoint:
+    """One OAuth client a token may ask tokens for: the authorization endpoint and, where the
+    server sends the code and the client secret, the token endpoint ("" = the authorization
+    endpoint's origin)."""
+
     endpoint: str
     client_id: str
+    token_endpoint: str = ""
 
-    def allows(self, endpoint: str, client_id: str) -> bool:
-        if client_id != self.client_id:
+    def allows(self, endpoint: str, token_endpoint: str, client_id: str) -> bool:
+        if client_id != self.client_id or not _matches(self.endpoint, endpoint):
             return False
-        if self.endpoint.endswith("*"):
-            return endpoint.startswith(self.endpoint[:-1])
-        return endpoint == self.endpoint
+        if self.token_endpoint:
+            return _matches(self.token_endpoint, token_endpoint)
+        origin = _origin(token_endpoint)
+        return origin is not None and origin == _origin(endpoint)
+
+
+def _matches(pattern: str, url: str) -> bool:
+    if pattern.endswith("*"):
+        return url.startswith(pattern[:-1])
+    return url == pattern
+
+
+def _origin(url: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of a URL, the default port filled in; None if it has none."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or {"https": 443, "http": 80}.get(parts.scheme.lower())
+    except ValueError:
+        return None
+    if not parts.hostname or port is None:
+        return None
+    return parts.scheme.lower(), parts.hostname.lower(), port
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,10 +66,10 @@ class SecretsGrant:
     # None = any OAuth request allowed; () = none allowed.
     request_oauth_token: tuple[OAuthEndpoint, ...] | None = None
 
-    def can_request_oauth_token(self, endpoint: str, client_id: str) -> bool:
+    def can_request_oauth_token(self, endpoint: str, token_endpoint: str, client_id: str) -> bool:
         if self.request_oauth_token is None:
             return True
-        return any(e.allows(endpoint, client_id) for e in self.request_oauth_token)
+        return any(e.allows(endpoint, token_endpoint, client_id) for e in self.request_oauth_token)
 
 
 def room_scope(project: str, room: str) -> str:
@@ -163,5 +189,8 @@ def _secrets_grant(raw: Any) -> SecretsGrant | None:
     for entry in entries:
         if not isinstance(entry, Mapping) or not entry.get("endpoint") or not entry.get("client_id"):
             raise Unauthenticated("each 'request_oauth_token' entry needs 'endpoint' and 'client_id'")
-        parsed.append(OAuthEndpoint(str(entry["endpoint"]), str(entry["client_id"])))
+        token_endpoint = entry.get("token_endpoint", "")
+        if not isinstance(token_endpoint, str) or ("token_endpoint" in entry and not token_endpoint):
+            raise Unauthenticated("a 'request_oauth_token' entry's 'token_endpoint' must be non-empty text")
+        parsed.append(OAuthEndpoint(str(entry["endpoint"]), str(entry["client_id"]), token_endpoint))
     return SecretsGrant(tuple(parsed))

@@ -175,17 +175,23 @@ def print_token(token: str | None, missing: str) -> int:
 
 
 # -- the authorization code -----------------------------------------------------------------------
-def code_and_state(args: argparse.Namespace) -> tuple[str, str | None]:
+def code_and_state(args: argparse.Namespace) -> tuple[str, str]:
+    """The code and the state to answer with. The state is required (the server refuses an
+    answer without it): from the redirect URL, or --state with --code / --code-file."""
     if args.redirect_url is not None:
-        return from_redirect_url(args.redirect_url, args.state)
+        return from_redirect_url(args.redirect_url, args.state, "--redirect-url")
+    if args.redirect_url_file is not None:
+        url = read_text(args.redirect_url_file, "--redirect-url-file", "the redirect URL")
+        return from_redirect_url(url, args.state, "--redirect-url-file")
+    if not args.state:
+        given = "--code-file" if args.code_file is not None else "--code"
+        raise CliError(
+            f"{given} needs --state (the `state` of the provider's redirect), or give the whole "
+            "redirect with --redirect-url-file",
+            EXIT_USAGE,
+        )
     if args.code_file is not None:
-        try:
-            raw = sys.stdin.buffer.read() if args.code_file == "-" else Path(args.code_file).read_bytes()
-            code = raw.decode().strip()
-        except OSError as error:
-            raise CliError(f"cannot read --code-file {args.code_file}: {error.strerror or error}") from None
-        except UnicodeDecodeError:
-            raise CliError("--code-file: the code is not UTF-8 text", EXIT_USAGE) from None
+        code = read_text(args.code_file, "--code-file", "the code")
     else:
         code = str(args.code).strip()
     if not code:
@@ -193,27 +199,45 @@ def code_and_state(args: argparse.Namespace) -> tuple[str, str | None]:
     return code, args.state
 
 
-def from_redirect_url(url: str, state: str | None) -> tuple[str, str | None]:
+def read_text(path: str, flag: str, what: str) -> str:
+    """A file's text, stripped ('-': stdin): for values argv would show to other users (`ps`)."""
+    try:
+        raw = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+        return raw.decode().strip()
+    except OSError as error:
+        raise CliError(f"cannot read {flag} {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise CliError(f"{flag}: {what} is not UTF-8 text", EXIT_USAGE) from None
+
+
+def from_redirect_url(url: str, state: str | None, flag: str) -> tuple[str, str]:
     """`code` and `state` from the provider's redirect (query, else fragment). A redirect that
-    carries `error=` is the provider's refusal: reported, never provided."""
+    carries `error=` is the provider's refusal: reported, never provided. One without `state`
+    is refused: nothing shows the code was meant for this request."""
     parts = urlsplit(url)
     query = parse_qs(parts.query) or parse_qs(parts.fragment)
     if "error" in query:
         reason = query["error"][0]
         detail = query.get("error_description", [""])[0]
         raise CliError(
-            f"--redirect-url: the provider refused the authorization: {reason}"
+            f"{flag}: the provider refused the authorization: {reason}"
             + (f" ({detail})" if detail else "")
             + f"; pass it on with `{PROG} oauth reject`",
             EXIT_LOCAL,
         )
     codes = query.get("code", [])
     if len(codes) != 1 or not codes[0]:
-        raise CliError("--redirect-url: no single `code` parameter in the URL", EXIT_USAGE)
-    found = query.get("state", [None])[0]
-    if state is not None and found is not None and state != found:
-        raise CliError("--state differs from the state in --redirect-url", EXIT_USAGE)
-    return codes[0], state if state is not None else found
+        raise CliError(f"{flag}: no single `code` parameter in the URL", EXIT_USAGE)
+    states = query.get("state", [])
+    if len(states) != 1 or not states[0]:
+        raise CliError(
+            f"{flag}: no single `state` parameter in the URL; the server refuses an answer "
+            "without the state of the request (it ties the code to the request)",
+            EXIT_USAGE,
+        )
+    if state is not None and state != states[0]:
+        raise CliError(f"--state differs from the state in {flag}", EXIT_USAGE)
+    return codes[0], states[0]
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -355,14 +379,23 @@ def add_oauth_commands(subparsers: Any) -> None:
         "provide",
         "answer an inbound OAuth request with the authorization code (prints nothing)",
         "Answer an inbound OAuth request with the code from the provider's redirect: give the "
-        "whole redirect URL (code and state are taken from it), or the code and --state.",
+        "whole redirect URL (code and state are taken from it; it must carry the state), or the "
+        "code and --state. The code is a credential: prefer --redirect-url-file or --code-file "
+        "(arguments are visible to other local users in `ps`).",
     )
     p.add_argument("--request-id", required=True)
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--code", help="the authorization code")
-    source.add_argument("--code-file", metavar="PATH", help="read the code from this file ('-': stdin)")
+    source.add_argument("--code", help="the authorization code (needs --state)")
+    source.add_argument(
+        "--code-file", metavar="PATH", help="read the code from this file ('-': stdin; needs --state)"
+    )
     source.add_argument("--redirect-url", metavar="URL", help="the URL the provider redirected to")
-    p.add_argument("--state", help="the `state` of the redirect")
+    source.add_argument(
+        "--redirect-url-file",
+        metavar="PATH",
+        help="read the URL the provider redirected to from this file ('-': stdin)",
+    )
+    p.add_argument("--state", help="the `state` of the redirect (required with --code and --code-file)")
     p.set_defaults(run=run_provide)
 
     p = command(commands, "reject", "refuse an inbound OAuth request")

@@ -1,9 +1,10 @@
 """OAuth 2.0 clients and tokens: the client registration, the stored token set, and the calls to
 an authorization server (authorization URL with state + PKCE S256, code exchange, refresh), all
-through authlib over HTTP.
+through authlib over HTTP, and every HTTP call through the egress policy (egress.py).
 
-Nothing here logs. Errors name the endpoint and the provider's OAuth error code, never a token,
-code, verifier or client secret.
+Nothing here logs. Errors name the endpoint and the provider's OAuth error code (one of the
+standard codes; anything else is "invalid_response"), never a token, code, verifier, client
+secret, or text the provider wrote.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hashlib
 import ipaddress
 import json
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
@@ -21,7 +23,8 @@ from authlib.integrations.base_client.errors import OAuthError
 from authlib.integrations.httpx_client import AsyncOAuth2Client
 
 from .. import validate
-from ..errors import FailedPrecondition, InvalidArgument, Unavailable
+from ..egress import EgressDenied, EgressPolicy, odd_ipv4_spelling
+from ..errors import FailedPrecondition, InvalidArgument
 
 AUTH_METHODS = ("client_secret_basic", "client_secret_post", "none")
 TOKEN_TYPE = "application/vnd.roomsecrets.oauth-token+json"  # noqa: S105 - a MIME type
@@ -29,6 +32,22 @@ TOKEN_ID_PREFIX = "oauth:"  # noqa: S105 - an id prefix
 MAX_SCOPES = 64
 MAX_EXTRA_PARAMS = 32
 MAX_CODE = 4096
+# The error codes of RFC 6749 5.2 (token endpoint) and 4.1.2.1 (server_error,
+# temporarily_unavailable, access_denied): the only provider text a caller ever sees.
+OAUTH_ERROR_CODES = frozenset(
+    (
+        "invalid_request",
+        "invalid_client",
+        "invalid_grant",
+        "unauthorized_client",
+        "unsupported_grant_type",
+        "invalid_scope",
+        "server_error",
+        "temporarily_unavailable",
+        "access_denied",
+    )
+)
+UNKNOWN_ERROR_CODE = "invalid_response"
 # Authorization-URL parameters the server sets itself; extra_params may not override them.
 _RESERVED_PARAMS = frozenset(
     (
@@ -60,6 +79,14 @@ def _check_url(value: str, field_name: str, *, required: bool = True) -> str:
     parts = _split(value, field_name)
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise InvalidArgument(field_name, "must be an absolute https URL")
+    if parts.username is not None or parts.password is not None:
+        raise InvalidArgument(field_name, "must not carry user:password@ (the client authenticates itself)")
+    if odd_ipv4_spelling(parts.hostname):
+        raise InvalidArgument(field_name, "must write an IPv4 address in dotted-decimal form")
+    try:
+        parts.port  # noqa: B018 - urlsplit checks the port only when asked
+    except ValueError:
+        raise InvalidArgument(field_name, "has an invalid port") from None
     if parts.scheme == "http" and not _is_loopback(parts.hostname):
         raise InvalidArgument(field_name, "must use https (plain http is accepted for loopback hosts only)")
     if parts.fragment:
@@ -235,12 +262,36 @@ class TokenSet:
 
 
 class AuthorizationServer:
-    """Calls authorization servers over HTTP (authlib's OAuth 2.0 client on httpx)."""
+    """Calls authorization servers over HTTP (authlib's OAuth 2.0 client on httpx), every call
+    through the egress policy."""
 
-    def __init__(self, timeout: float = 10.0) -> None:
-        self._timeout = timeout
+    def __init__(self, egress: EgressPolicy) -> None:
+        self._egress = egress
 
-    def _client(self, config: ClientConfig, redirect_uri: str = "") -> AsyncOAuth2Client:
+    @property
+    def call_seconds(self) -> float:
+        """The most one call to a token endpoint takes (the egress policy's bound)."""
+        return self._egress.timeout
+
+    def checked(self, config: ClientConfig, prefix: str) -> ClientConfig:
+        """A client config a caller gives (inline, or to store as a connector): checked field by
+        field, and a token endpoint at an IP address the egress policy refuses refused at once."""
+        checked = config.validated(prefix)
+        self.check_destination(checked, prefix, given=True)
+        return checked
+
+    def check_destination(self, config: ClientConfig, prefix: str, *, given: bool) -> None:
+        """Refuse now a token endpoint whose IP address the policy would refuse at connection
+        time (host names are judged then): INVALID_ARGUMENT if the caller `given` it, else (a
+        stored connector) EGRESS_DENIED."""
+        refused = self._egress.literal_refusal(config.token_endpoint)
+        if refused is None:
+            return
+        if given:
+            raise InvalidArgument(f"{prefix}.token_endpoint", refused)
+        raise EgressDenied(f"{prefix}.token_endpoint: {refused}")
+
+    def _client(self, config: ClientConfig, field: str, redirect_uri: str = "") -> AsyncOAuth2Client:
         return AsyncOAuth2Client(
             client_id=config.client_id,
             client_secret=config.client_secret or None,
@@ -248,12 +299,11 @@ class AuthorizationServer:
             scope=" ".join(config.scopes) or None,
             redirect_uri=redirect_uri or None,
             code_challenge_method="S256" if config.pkce else None,
-            timeout=self._timeout,
-            follow_redirects=False,
+            **self._egress.client_options(field),
         )
 
     def authorization_url(self, config: ClientConfig, redirect_uri: str, state: str, verifier: str) -> str:
-        client = self._client(config, redirect_uri)
+        client = self._client(config, "authorization_endpoint", redirect_uri)  # builds a URL, no call
         url, _ = client.create_authorization_url(
             config.authorization_endpoint,
             state=state,
@@ -263,42 +313,51 @@ class AuthorizationServer:
         return str(url)
 
     async def exchange_code(
-        self, config: ClientConfig, *, code: str, redirect_uri: str, verifier: str
+        self, config: ClientConfig, *, code: str, redirect_uri: str, verifier: str, prefix: str
     ) -> TokenSet:
         pkce = {"code_verifier": verifier} if config.pkce else {}
-        async with self._client(config, redirect_uri) as client:
-            token = await self._call(
-                config,
-                "exchanging the authorization code",
-                client.fetch_token(config.token_endpoint, grant_type="authorization_code", code=code, **pkce),
-            )
+        token = await self._call(
+            config,
+            prefix,
+            "exchanging the authorization code",
+            lambda client: client.fetch_token(
+                config.token_endpoint, grant_type="authorization_code", code=code, **pkce
+            ),
+            redirect_uri,
+        )
         return TokenSet.from_response(token, config.scopes, None)
 
-    async def refresh(self, config: ClientConfig, tokens: TokenSet) -> TokenSet:
-        async with self._client(config) as client:
-            token = await self._call(
-                config,
-                "refreshing the token",
-                client.refresh_token(config.token_endpoint, refresh_token=tokens.refresh_token),
-            )
+    async def refresh(self, config: ClientConfig, tokens: TokenSet, *, prefix: str) -> TokenSet:
+        token = await self._call(
+            config,
+            prefix,
+            "refreshing the token",
+            lambda client: client.refresh_token(config.token_endpoint, refresh_token=tokens.refresh_token),
+        )
         return TokenSet.from_response(token, tokens.scopes, tokens)
 
-    @staticmethod
-    async def _call(config: ClientConfig, doing: str, call: Any) -> dict[str, Any]:
-        try:
-            token = await call
-        except OAuthError as exc:
-            # Only the standard error code: descriptions are free text from the provider.
-            error = str(exc.error or "error")[:64]
-            raise ProviderError(
-                f"the token endpoint {config.token_endpoint} refused {doing}: {error}", error
-            ) from None
-        except Exception as exc:  # network, TLS, timeouts, non-JSON answers
-            raise Unavailable(
-                f"the token endpoint {config.token_endpoint} failed while {doing}: {type(exc).__name__}",
-                reason="OAUTH_PROVIDER_UNAVAILABLE",
-            ) from None
-        return dict(token)
+    async def _call(
+        self,
+        config: ClientConfig,
+        prefix: str,
+        doing: str,
+        call: Callable[[AsyncOAuth2Client], Awaitable[Any]],
+        redirect_uri: str = "",
+    ) -> dict[str, Any]:
+        field = f"{prefix}.token_endpoint"
+        async with self._egress.guard(field, unavailable_reason="OAUTH_PROVIDER_UNAVAILABLE"):
+            async with self._client(config, field, redirect_uri) as client:
+                try:
+                    token = await call(client)
+                except OAuthError as exc:
+                    # Only a standard error code: descriptions, and codes made up, are free text
+                    # from whoever answered at that URL.
+                    error = exc.error if isinstance(exc.error, str) else ""
+                    error = error if error in OAUTH_ERROR_CODES else UNKNOWN_ERROR_CODE
+                    raise ProviderError(
+                        f"the token endpoint {config.token_endpoint} refused {doing}: {error}", error
+                    ) from None
+            return dict(token)
 
 
 def new_state() -> str:

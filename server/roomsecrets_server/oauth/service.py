@@ -4,9 +4,16 @@ A asks B (`request_oauth_token`): the server builds the authorization URL (state
 scopes, redirect_uri) and pushes it on B's WatchRequests stream as a pending request of kind
 "oauth" (stored like a secret request; its client config, state and PKCE verifier are sealed in
 the request's params). B's app opens the URL, the user consents, and B calls
-`provide_oauth_authorization` with the code: the server exchanges it at the token endpoint and
-stores the token set as B's secret delegated to `delegate_to`, in the same transaction that
-closes the request, and A's call returns the access token.
+`provide_oauth_authorization` with the code and the state: the server exchanges it at the token
+endpoint and stores the token set as B's secret delegated to `delegate_to`, in the same
+transaction that closes the request, and A's call returns the access token.
+
+The state is mandatory (a missing or wrong one is refused, audited, and leaves the request
+pending) and single-use: an exchange holds a lease on the request in the store, so across
+replicas at most one exchange per request is in flight, and a closed request accepts nothing.
+A provider error (a bad or spent code) leaves the request pending, so the user can authorize
+again and answer with a new code; the state alone is no use without a code the provider issued
+for this client and PKCE verifier.
 
 Offline (`get_offline_oauth_token`) returns the stored token, refreshing it first when it is
 (nearly) expired. Refresh is single-flight: an asyncio lock per token row in this process, and a
@@ -17,6 +24,7 @@ the new token set replaces the old by check-and-set on the row's etag.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import os
@@ -29,6 +37,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from .. import validate
 from ..audit import AuditLog
+from ..auth import authority
 from ..auth.principal import Principal
 from ..errors import (
     AlreadyExists,
@@ -114,6 +123,7 @@ class _Flow:
     state: str
     verifier: str
     authorization_url: str
+    prefix: str = "oauth"  # how errors name the client: "oauth" (inline) or "connector"
 
     def to_bytes(self) -> bytes:
         return json.dumps(
@@ -123,6 +133,7 @@ class _Flow:
                 "state": self.state,
                 "verifier": self.verifier,
                 "authorization_url": self.authorization_url,
+                "prefix": self.prefix,
             }
         ).encode()
 
@@ -135,6 +146,7 @@ class _Flow:
             doc["state"],
             doc["verifier"],
             doc["authorization_url"],
+            str(doc.get("prefix", "oauth")),
         )
 
 
@@ -158,7 +170,8 @@ class OAuthService:
         self._audit = audit
         self._server = server
         self.refresh_margin = refresh_margin
-        self._lease_seconds = lease_seconds
+        # A lease (refresh, code exchange) outlives the token endpoint call it covers.
+        self._lease_seconds = max(lease_seconds, server.call_seconds + 5.0)
         self._holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._refreshing: weakref.WeakValueDictionary[SecretKey, asyncio.Lock] = weakref.WeakValueDictionary()
 
@@ -174,7 +187,7 @@ class OAuthService:
         timeout: int,
         call_time_remaining: float | None,
     ) -> AccessToken:
-        config = await self._client(p, client, "request_oauth_token")
+        config, prefix = await self._client(p, client, "request_oauth_token")
         target = validate.identity(target, "from_participant_id", required=True)
         redirect_uri = check_redirect_uri(redirect_uri)
         delegate_to = validate.identity(delegate_to, "delegate_to")
@@ -183,7 +196,8 @@ class OAuthService:
 
         # A token the caller may read already (its own, or delegated to it): no prompt.
         if p.identity in (target, delegate_to):
-            stored = await self._fresh(key, config)
+            how = authority.reads_as(p, target, delegate_to)
+            stored = await self._fresh(key, config, prefix)
             if stored is not None and stored.access_token and not stored.needs_reauthorization:
                 await self._audit.record(
                     "request_oauth_token",
@@ -193,6 +207,7 @@ class OAuthService:
                     secret_id=key.secret_id,
                     owner=target,
                     delegated_to=delegate_to,
+                    authority=f"{how}:{p.identity}",
                 )
                 return AccessToken.of(stored)
 
@@ -211,7 +226,7 @@ class OAuthService:
             request_id = uuid.uuid4().hex
             state, verifier = new_state(), new_verifier()
             url = self._server.authorization_url(config, redirect_uri, state, verifier)
-            flow = _Flow(config, redirect_uri, state, verifier, url)
+            flow = _Flow(config, redirect_uri, state, verifier, url, prefix)
             record = await self._requests.open_request(
                 p,
                 OAUTH,
@@ -242,21 +257,60 @@ class OAuthService:
         code = check_code(code)
         state = validate.text(state, "state", validate.MAX_URL)
         record = await self._requests.answerable(p, request_id, OAUTH)
-        flow = self._flow(record)
-        if state and state != flow.state:
+        await self._check_state(p, record, state)
+        # One exchange per request at a time, across replicas: a second answer while the first
+        # one's code is at the token endpoint would spend a second code (or the same one twice).
+        lease, holder = f"oauth-exchange\n{record.room}\n{request_id}", f"{self._holder}:{uuid.uuid4().hex}"
+        if not await self._store.acquire_lease(lease, holder, self._lease_seconds):
             await self._audit.record(
-                "provide_oauth",
-                room=p.room,
-                actor=p.identity,
-                outcome="state_mismatch",
-                request_id=request_id,
+                "provide_oauth", room=p.room, actor=p.identity, outcome="in_progress", request_id=request_id
             )
-            raise InvalidArgument("state", f"does not match the state of request {request_id}")
+            raise FailedPrecondition(
+                f"request {request_id} is being answered already (a code is being exchanged); "
+                "wait for that answer's outcome",
+                reason="OAUTH_EXCHANGE_IN_PROGRESS",
+            )
+        try:
+            # Answered, rejected or expired meanwhile (perhaps through another replica): its
+            # state is spent, and nothing is exchanged.
+            record = await self._requests.answerable(p, request_id, OAUTH)
+            await self._exchange_and_close(p, record, code)
+        finally:
+            await self._store.release_lease(lease, holder)
+
+    async def _check_state(self, p: Principal, record: RequestRecord, state: str) -> None:
+        """The state from the provider's redirect must be this request's: without it, a code
+        the user never meant for this request (a login CSRF's) could be exchanged and stored."""
+        if state and hmac.compare_digest(state.encode(), self._flow(record).state.encode()):
+            return
+        await self._audit.record(
+            "provide_oauth",
+            room=p.room,
+            actor=p.identity,
+            outcome="state_missing" if not state else "state_mismatch",
+            request_id=record.request_id,
+        )
+        if not state:
+            raise InvalidArgument(
+                "state",
+                f"is required: give the state of request {record.request_id} (the `state` of the "
+                "provider's redirect), which ties the code to this request",
+            )
+        raise InvalidArgument("state", f"does not match the state of request {record.request_id}")
+
+    async def _exchange_and_close(self, p: Principal, record: RequestRecord, code: str) -> None:
+        request_id = record.request_id
+        flow = self._flow(record)
         try:
             tokens = await self._server.exchange_code(
-                flow.config, code=code, redirect_uri=flow.redirect_uri, verifier=flow.verifier
+                flow.config,
+                code=code,
+                redirect_uri=flow.redirect_uri,
+                verifier=flow.verifier,
+                prefix=flow.prefix,
             )
         except ProviderError as exc:
+            # The request stays pending: the user may authorize again and answer with a new code.
             await self._audit.record(
                 "provide_oauth", room=p.room, actor=p.identity, outcome=exc.error, request_id=request_id
             )
@@ -311,10 +365,11 @@ class OAuthService:
     async def get_offline_oauth_token(
         self, p: Principal, *, client: ClientRef, delegated_to: str, delegated_by: str
     ) -> AccessToken:
-        config = await self._client(p, client, "get_offline_oauth_token")
-        owner, delegated_to = self._secrets.read_scope(p, delegated_to, delegated_by)
+        config, prefix = await self._client(p, client, "get_offline_oauth_token")
+        owner, delegated_to = authority.readable_scope(p, delegated_to, delegated_by)
+        how = authority.reads_as(p, owner, delegated_to)
         key = SecretKey(p.room, owner, delegated_to, config.token_secret_id)
-        tokens = await self._fresh(key, config)
+        tokens = await self._fresh(key, config, prefix)
         await self._audit.record(
             "get_offline_oauth_token",
             room=p.room,
@@ -323,10 +378,11 @@ class OAuthService:
             secret_id=key.secret_id,
             owner=owner,
             delegated_to=delegated_to,
+            authority=f"{how}:{p.identity}",
         )
         return AccessToken.of(tokens)
 
-    async def _fresh(self, key: SecretKey, config: ClientConfig) -> TokenSet | None:
+    async def _fresh(self, key: SecretKey, config: ClientConfig, prefix: str) -> TokenSet | None:
         """The stored token set, refreshed first if it is (nearly) expired. None if none is
         stored. Never a stale access token: a failed refresh raises or marks re-authorization."""
         record = await self._store.get_secret(key)
@@ -348,13 +404,13 @@ class OAuthService:
                     return tokens  # refreshed meanwhile, here or by another process
                 if not tokens.refresh_token:
                     return TokenSet(access_token="", scopes=tokens.scopes, needs_reauthorization=True)
-                refreshed = await self._refresh_under_lease(key, config, record, tokens)
+                refreshed = await self._refresh_under_lease(key, config, prefix, record, tokens)
                 if refreshed is not None:
                     return refreshed
                 await asyncio.sleep(LEASE_POLL_SECONDS)  # another process is refreshing it
 
     async def _refresh_under_lease(
-        self, key: SecretKey, config: ClientConfig, record: SecretRecord, tokens: TokenSet
+        self, key: SecretKey, config: ClientConfig, prefix: str, record: SecretRecord, tokens: TokenSet
     ) -> TokenSet | None:
         lease = "oauth-refresh\n" + "\n".join(key)
         if not await self._store.acquire_lease(lease, self._holder, self._lease_seconds):
@@ -364,7 +420,7 @@ class OAuthService:
             if current is None or current.etag != record.etag:
                 return None  # changed between our read and the lease: look again
             try:
-                new = await self._server.refresh(config, tokens)
+                new = await self._server.refresh(config, tokens, prefix=prefix)
                 outcome = "ok"
             except ProviderError as exc:
                 if exc.error != "invalid_grant":
@@ -392,14 +448,19 @@ class OAuthService:
             await self._store.release_lease(lease, self._holder)
 
     # -- helpers ------------------------------------------------------------------------------
-    async def _client(self, p: Principal, client: ClientRef, method: str) -> ClientConfig:
+    async def _client(self, p: Principal, client: ClientRef, method: str) -> tuple[ClientConfig, str]:
+        """The client a call means, and how errors name it ("oauth" or "connector"), once the
+        token's grant allows both its endpoints."""
         grant = p.require_secrets()
         if client.config is not None:
-            config = client.config.validated("oauth")
+            prefix = "oauth"
+            config = self._server.checked(client.config, prefix)
         elif client.connector:
+            prefix = "connector"
             config = (
                 await self._connectors.resolve(p.room, validate.secret_id(client.connector, "connector.name"))
             ).config
+            self._server.check_destination(config, prefix, given=False)
         elif client.client_secret_id or client.server_url:
             raise NotImplementedYet(
                 "connector.client_secret_id and connector.server_url are not supported yet: "
@@ -407,15 +468,17 @@ class OAuthService:
             )
         else:
             raise InvalidArgument("oauth", "give the OAuth client inline (oauth) or a connector name")
-        if not grant.can_request_oauth_token(config.authorization_endpoint, config.client_id):
+        if not grant.can_request_oauth_token(
+            config.authorization_endpoint, config.token_endpoint, config.client_id
+        ):
             await self._audit.record(
                 method, room=p.room, actor=p.identity, outcome="denied", target=config.client_id
             )
             raise PermissionDenied(
                 f"the token's secrets grant does not allow OAuth tokens from {config.authorization_endpoint} "
-                f"for client {config.client_id!r}"
+                f"with the token endpoint {config.token_endpoint} for client {config.client_id!r}"
             )
-        return config
+        return config, prefix
 
     def _flow(self, record: RequestRecord) -> _Flow:
         try:
