@@ -512,7 +512,7 @@ def test_serve_flags_and_environment_map_to_settings(tmp_path: Path, monkeypatch
         "127.0.0.1:6000",
         4096,
     )
-    assert from_env.dev_signing_key and from_env.listener_grace == Settings(data_dir=tmp_path).listener_grace
+    assert from_env.dev_key_on and from_env.listener_grace == Settings(data_dir=tmp_path).listener_grace
     flag_wins = settings_from_args(build_parser().parse_args(["serve", "--listen", "127.0.0.1:1"]))
     assert flag_wins.listen == "127.0.0.1:1"
 

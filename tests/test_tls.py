@@ -73,6 +73,7 @@ class Pki:
             self.pem[who] = (cert, key_pem)
             (directory / f"{who}.pem").write_bytes(cert)
             (directory / f"{who}-key.pem").write_bytes(key_pem)
+            (directory / f"{who}-key.pem").chmod(0o600)  # the server refuses a key others may read
             self.files[who] = directory / f"{who}.pem"
             self.files[f"{who}-key"] = directory / f"{who}-key.pem"
 

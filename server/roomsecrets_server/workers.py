@@ -9,13 +9,13 @@ The parent forks before it creates any gRPC or asyncio object (gRPC's C core doe
 fork), reserves the port first when the listen address asks for port 0 (a bound socket that never
 listens, so it takes no connections), then only supervises: it reports ready once every worker
 is, forwards SIGINT/SIGTERM, and if one worker dies it stops the others and fails, so that a
-process manager restarts the whole set.
+process manager restarts the whole set. The workers inherit what `serve` set up in the parent
+before the fork (app.prepare_serve_process: umask, no core dumps, not dumpable, open-files limit).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import logging
 import os
@@ -26,6 +26,7 @@ from collections.abc import Callable
 from types import FrameType
 
 from .config import Settings
+from .process import PR_SET_PDEATHSIG, prctl
 
 log = logging.getLogger("roomsecrets")
 
@@ -136,14 +137,9 @@ def _supervise(
 
 def _die_with_parent() -> None:
     """Linux: SIGTERM this worker when the parent dies, even by SIGKILL (no orphaned workers)."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() == 1:  # the parent died before prctl took effect
         os._exit(1)
-
-
-_PR_SET_PDEATHSIG = 1
 
 
 def _signal_all(pids: list[int], signum: int) -> None:

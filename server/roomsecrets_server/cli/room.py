@@ -51,8 +51,7 @@ def connection_options() -> argparse.ArgumentParser:
     g.add_argument(
         "--token",
         default=os.environ.get("ROOMSECRETS_TOKEN") or None,
-        help="participant JWT (env ROOMSECRETS_TOKEN; prefer the env var or --token-file: "
-        "arguments are visible to other local users)",
+        help="participant JWT (visible to other local users in `ps`: use ROOMSECRETS_TOKEN or --token-file)",
     )
     g.add_argument("--token-file", type=Path, help="read the token from this file")
     g.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
@@ -63,15 +62,16 @@ def connection_options() -> argparse.ArgumentParser:
 
 
 def add_source(parser: argparse.ArgumentParser, what: str) -> None:
-    """Exactly one of --in / --text / --base64: where the value comes from."""
+    """Exactly one of --in / --text / --base64: where the value comes from. --text and --base64
+    put the value in argv, which every local user can read (`ps`, /proc/PID/cmdline): kept for
+    throwaway values, and said so in --help."""
     g = parser.add_mutually_exclusive_group(required=True)
     g.add_argument(
         "--in", "-i", dest="in_path", metavar="PATH", help=f"read the {what} from a file ('-': stdin)"
     )
-    g.add_argument(
-        "--text", help=f"the {what} as UTF-8 text (visible in the process list: prefer --in for real secrets)"
-    )
-    g.add_argument("--base64", dest="b64", metavar="B64", help=f"the {what}, base64-encoded")
+    visible = "visible to other local users in `ps`: use --in for real secrets"
+    g.add_argument("--text", help=f"the {what} as UTF-8 text ({visible})")
+    g.add_argument("--base64", dest="b64", metavar="B64", help=f"the {what}, base64-encoded ({visible})")
 
 
 def add_out(parser: argparse.ArgumentParser) -> None:

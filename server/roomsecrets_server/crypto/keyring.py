@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..files import create_private, write_private
+from ..files import create_private, read_private, write_private
 from .envelope import Envelope, generation_id, split_generation
 
 
@@ -101,10 +101,7 @@ class KeyringFile:
         return list(json.loads(self.path.read_text())["keys"])
 
     def _load(self) -> Envelope:
-        mode = self.path.stat().st_mode & 0o777
-        if mode & 0o077:
-            raise PermissionError(f"{self.path} must not be readable by group or others (mode {mode:o})")
-        doc = json.loads(self.path.read_text())
+        doc = json.loads(read_private(self.path, "the keyring"))
         keys = {str(k["id"]): base64.b64decode(k["key"]) for k in doc["keys"]}
         root_id = str(doc["active"])
         active = generation_id(root_id, self._generations.get(root_id, 0))
