@@ -140,6 +140,10 @@ class Notifier(Protocol):
 
     def unsubscribe(self, subscription: Subscription) -> None: ...
     def listening(self, room: str, identity: str) -> bool: ...
+    def streams(self, room: str, identity: str) -> int:
+        """Streams of (room, identity) open on this process (the quota on them is per process)."""
+        ...
+
     async def wait_listening(self, room: str, identity: str, timeout: float) -> bool: ...
     def publish(self, room: str, identity: str, event: Event) -> None: ...
     def watch_request(self, request_id: str) -> AbstractContextManager[RequestWatch]: ...
@@ -187,6 +191,9 @@ class LocalNotifier:
 
     def listening(self, room: str, identity: str) -> bool:
         return bool(self._subscriptions.get((room, identity)))
+
+    def streams(self, room: str, identity: str) -> int:
+        return len(self._subscriptions.get((room, identity), ()))
 
     def listeners(self) -> list[tuple[str, str]]:
         """(room, identity) of every open stream."""

@@ -138,6 +138,9 @@ class PgNotifier:
         """Listening on this replica (the question across replicas is wait_listening)."""
         return self._local.listening(room, identity)
 
+    def streams(self, room: str, identity: str) -> int:
+        return self._local.streams(room, identity)
+
     async def _listening_anywhere(self, room: str, identity: str) -> bool:
         if self._local.listening(room, identity):
             return True
