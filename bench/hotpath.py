@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from roomsecrets.v1 import room_secrets_pb2 as pb
 from roomsecrets_server import validate
 from roomsecrets_server.app import RoomSecretsServer
+from roomsecrets_server.auth import authority
 from roomsecrets_server.auth.dev_key import mint_token
 from roomsecrets_server.config import Settings
 from roomsecrets_server.crypto.checksum import crc32c
@@ -111,7 +112,7 @@ async def measure(data_dir: Path, payload_bytes: int, timer: Timer) -> None:
     got = await servicer.GetSecret(get_request, ctx)
     assert got.data == value
     envelope = keyring.envelope()
-    aad = secrets_service._aad(record.key, record.type, record.etag)
+    aad = secrets_service._aad(record.key, record.type, record.etag, record.kind, "")
     _, dek, body = envelope._unwrap(record.sealed)
     read_sql = (
         f"SELECT {sqlite_store._VALUE_COLUMNS} FROM secrets "
@@ -133,7 +134,7 @@ async def measure(data_dir: Path, payload_bytes: int, timer: Timer) -> None:
         )
 
     def scope() -> object:
-        secrets.read_scope(principal, "", "")
+        authority.readable_scope(principal, "", "")
         validate.secret_id(GET_SECRET_ID)
         return SecretKey(ROOM, IDENTITY, "", GET_SECRET_ID)
 
@@ -157,7 +158,7 @@ async def measure(data_dir: Path, payload_bytes: int, timer: Timer) -> None:
             "auth: authorization(ctx) + TokenVerifier.authenticate (cache hit)",
             lambda: server.verifier.authenticate(authorization(ctx)),
         ),
-        ("validate: read_scope + validate.secret_id + SecretKey", scope),
+        ("validate: readable_scope + validate.secret_id + SecretKey", scope),
     ]
     for label, fn in steps:
         timer.sync(g, label, fn)
@@ -168,7 +169,7 @@ async def measure(data_dir: Path, payload_bytes: int, timer: Timer) -> None:
         ("  KeyringFile.envelope() (monotonic check)", keyring.envelope),
         (
             "  _aad / place() (associated data)",
-            lambda: secrets_service._aad(record.key, record.type, record.etag),
+            lambda: secrets_service._aad(record.key, record.type, record.etag, record.kind, ""),
         ),
         (
             "  Envelope.open (KEK unwrap + AESGCM(dek) + decrypt)",

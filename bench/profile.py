@@ -39,10 +39,10 @@ RULES: list[tuple[str, tuple[tuple[str, str], ...]]] = [
         (("authorization", "rpc/room_secrets.py"), ("TokenVerifier.", "auth/tokens.py")),
     ),
     (
-        "validation (validate.*, read_scope, require_secrets)",
+        "validation (validate.*, authority, require_secrets)",
         (
             ("", "roomsecrets_server/validate.py"),
-            ("SecretsService.read_scope", ""),
+            ("", "roomsecrets_server/auth/authority.py"),
             ("SecretsService._owner", ""),
             ("SecretsService.check_data", ""),
             ("Principal.require_secrets", ""),

@@ -49,6 +49,7 @@ from roomsecrets.v1 import room_secrets_pb2 as pb
 from roomsecrets_server import validate
 from roomsecrets_server.app import RoomSecretsServer, serve
 from roomsecrets_server.audit import AuditLog
+from roomsecrets_server.auth import authority
 from roomsecrets_server.auth.principal import Principal
 from roomsecrets_server.config import Settings
 from roomsecrets_server.errors import NotFound
@@ -160,11 +161,13 @@ def no_set_seal() -> None:
     original = SecretsService.seal
     first: list[SecretRecord] = []
 
-    def seal(self: SecretsService, key: SecretKey, type_: str, name: str, data: bytes) -> SecretRecord:
+    def seal(
+        self: SecretsService, key: SecretKey, type_: str, name: str, data: bytes, kind: str = ""
+    ) -> SecretRecord:
         if not key.secret_id.startswith("bench-set-"):  # the seeding still seals properly
-            return original(self, key, type_, name, data)
+            return original(self, key, type_, name, data, kind)
         if not first:
-            first.append(original(self, key, type_, name, data))
+            first.append(original(self, key, type_, name, data, kind))
         return first[0]._replace(key=key, etag=os.urandom(8).hex(), update_time=time.time())
 
     SecretsService.seal = seal  # type: ignore[method-assign]
@@ -211,7 +214,7 @@ def opt_value_cache() -> None:
                 delegated_by=delegated_by,
             )
         p.require_secrets()
-        owner, delegated_to = self.read_scope(p, delegated_to, delegated_by)
+        owner, delegated_to = authority.readable_scope(p, delegated_to, delegated_by)
         validate.secret_id(secret_id)
         version = store._one("PRAGMA data_version", ())
         if version is None or version[0] != seen[0] or len(values) >= CACHE_LIMIT:

@@ -39,7 +39,7 @@ from roomsecrets_server.auth.principal import room_scope
 from roomsecrets_server.oauth.connectors import CONNECTOR_OWNER
 from roomsecrets_server.project.service import PROJECT_ROOM
 from roomsecrets_server.rpc.convert import client_config
-from roomsecrets_server.store import SecretKey
+from roomsecrets_server.store import SecretKey, SecretKind
 
 from .harness import Participants, ServerThread, test_settings
 from .oauth_provider import OAuthProvider
@@ -124,15 +124,17 @@ def bearer(token: str) -> Metadata:
 ROOM_NAME, PROJECT = "room-1", "dev-project"
 ROOM = room_scope(PROJECT, ROOM_NAME)  # where the room's rows live
 ROOM_VALUE = "matrix-room-value-3e8a1c"  # alice's `matrix-s`, delegated to bob
-OWN_VALUE = "matrix-own-value-9b2d57"  # alice's `matrix-own`, which the service manifest names
-REQUESTED_VALUE = "matrix-requested-value-4c7e"  # provided earlier by alice to bob, by (url, type)
+# alice's `matrix-own`, delegated to the project admin who applies the manifest naming it (a
+# manifest names only what its author may read)
+OWN_VALUE = "matrix-own-value-9b2d57"
+REQUESTED_VALUE = "matrix-requested-value-4c7e"  # alice's answer to bob's earlier request (url, type)
 KEY_VALUE = "sk-matrix-key-value-6f1a90"  # project secret key `matrix-openai`
 REGISTRY_PASSWORD = "matrix-registry-pw-8e3b21"  # pull secret `matrix-regcred`
 CLIENT_ID, CLIENT_SECRET = "matrix-client", "matrix-client-secret-5d1f"  # connector `matrix-gh`
 NEW_CLIENT_SECRET = "matrix-client-secret-new-77aa"  # what SetConnector sends
 REDIRECT = "https://app.example/oauth/callback"
 REQUESTED_URL, REQUESTED_TYPE = "https://git.example/matrix.git", "text/plain"
-ELSEWHERE = "https://elsewhere.example/authorize"  # the only endpoint of the `oaux` OAuth grant
+ELSEWHERE = "https://elsewhere.example/token"  # the only token endpoint of the `oaux` OAuth grant
 MANIFEST = textwrap.dedent(
     """
     version: v1
@@ -185,8 +187,8 @@ class World:
         token_id = client_config(self.client(CLIENT_SECRET)).token_secret_id
         self.keys = {
             "room secret": SecretKey(ROOM, "alice", "bob", "matrix-s"),
-            "own secret": SecretKey(ROOM, "alice", "", "matrix-own"),
-            "requested secret": SecretKey(ROOM, "alice", "bob", "matrix-req"),
+            "own secret": SecretKey(ROOM, "alice", "ops", "matrix-own"),
+            "requested secret": SecretKey(ROOM, "alice", "bob", ""),  # its id: seed_answer
             "connector": SecretKey(ROOM, CONNECTOR_OWNER, "", "connector:matrix-gh"),
             "OAuth token": SecretKey(ROOM, "alice", "bob", token_id),
             "secret key": SecretKey(PROJECT_ROOM, PROJECT, "", "key:matrix-openai"),
@@ -198,10 +200,8 @@ class World:
         # In dependency order (the OAuth flows need the connector).
         self.seeders: dict[str, Callable[[], object]] = {
             "room secret": lambda: self.set_secret("matrix-s", ROOM_VALUE, delegated_to="bob"),
-            "own secret": lambda: self.set_secret("matrix-own", OWN_VALUE),
-            "requested secret": lambda: self.set_secret(
-                "matrix-req", REQUESTED_VALUE, delegated_to="bob", type=REQUESTED_TYPE, name=REQUESTED_URL
-            ),
+            "own secret": lambda: self.set_secret("matrix-own", OWN_VALUE, delegated_to="ops"),
+            "requested secret": self.seed_answer,
             "connector": lambda: self.call(
                 "OAuthConnectors/SetConnector",
                 DAVE,
@@ -306,6 +306,22 @@ class World:
             timeout=10,
         )
         return getattr(got, event)
+
+    def seed_answer(self) -> None:
+        """A real answer: bob asks alice for REQUESTED_URL, delegated to him; she provides it."""
+        request = pb.RequestSecretRequest(
+            from_participant_id="alice", url=REQUESTED_URL, type=REQUESTED_TYPE, delegate_to="bob", timeout=60
+        )
+        asked = self.ask_alice("RequestSecret", request, "secret_request", lambda r: r.url == REQUESTED_URL)
+        answer = pb.ProvideSecretRequest(request_id=asked.request_id, data=REQUESTED_VALUE.encode())
+        self.call("RoomSecrets/ProvideSecret", ALICE, answer)
+        assert self.waiting.pop().result(timeout=10).data == REQUESTED_VALUE.encode()
+        assert self.room.server.server is not None
+        store = self.room.server.server.store
+        found = self.room.server.call(
+            store.find_secrets(ROOM, "alice", "bob", SecretKind.ANSWER, REQUESTED_TYPE, REQUESTED_URL)
+        )
+        self.keys["requested secret"] = found[0].key
 
     def seed_secret_request(self) -> None:
         url = f"{REQUESTED_URL}#pending-{self.reseeds}"  # a fresh question: never answered from storage
@@ -418,12 +434,26 @@ class World:
 
 
 @pytest.fixture
-def world(room: Participants) -> Iterator[World]:
-    with OAuthProvider(access_token_lifetime=3600) as provider:
-        provider.register_client(CLIENT_ID, CLIENT_SECRET, [REDIRECT], scope="read")
-        seeded = World(room, provider)
-        yield seeded
-        seeded.close()
+def provider() -> Iterator[OAuthProvider]:
+    with OAuthProvider(access_token_lifetime=3600) as running:
+        running.register_client(CLIENT_ID, CLIENT_SECRET, [REDIRECT], scope="read")
+        yield running
+
+
+@pytest.fixture
+def server(data_dir: Path, database_url: str, provider: OAuthProvider) -> Iterator[ServerThread]:
+    """The egress policy lets the server reach the test provider's loopback port, no other."""
+    allowed = (provider.base_url.removeprefix("http://"),)
+    running = ServerThread(test_settings(data_dir, database_url=database_url, egress_allow=allowed)).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def world(room: Participants, provider: OAuthProvider) -> Iterator[World]:
+    seeded = World(room, provider)
+    yield seeded
+    seeded.close()
 
 
 # -- the rows: one request per RPC, aimed at a seeded object --------------------------------------
@@ -567,6 +597,14 @@ def fixed(caller: Caller) -> Callable[[World, Caller, int], Metadata]:
     return lambda w, _, __: w.auth(caller)
 
 
+def other_token_endpoint(w: World) -> list[dict[str, str]]:
+    """The `oaux` OAuth grant: the connector's authorization endpoint and client, but another
+    token endpoint (not the connector's, where the server would send the code and the secret)."""
+    return [
+        {"endpoint": w.provider.authorization_endpoint, "client_id": CLIENT_ID, "token_endpoint": ELSEWHERE}
+    ]
+
+
 CREDENTIALS = [
     Column("none", "no authorization metadata", lambda w, c, i: ()),
     Column("malf", "malformed token", lambda w, c, i: bearer("not.a.jwt")),
@@ -583,8 +621,8 @@ OTHER_SCOPES = [
     Column("proj", "same, in a room of the same name of another project (+ room admin)",
            lambda w, c, i: w.auth(c, project=f"project-b-{i}", admin=True)),
     Column("nosg", "same, without the secrets API grant", lambda w, c, i: w.auth(c, secrets_grant=False)),
-    Column("oaux", "same, with an OAuth grant for another endpoint only",
-           lambda w, c, i: w.auth(c, request_oauth_token=[{"endpoint": ELSEWHERE, "client_id": CLIENT_ID}])),
+    Column("oaux", "same, with an OAuth grant for another token endpoint only",
+           lambda w, c, i: w.auth(c, request_oauth_token=other_token_endpoint(w))),
 ]  # fmt: skip
 ROLES = [
     Column("part", "participant alice (owner; asked by the pending requests)", fixed(ALICE)),
@@ -619,13 +657,15 @@ DE  DEADLINE_EXCEEDED (allowed to ask; nobody answers)
 # The other columns, as the server must answer. Why the cells are what they are:
 # - room: room-scoped objects of another room do not exist (NF, or an empty ok-); a write lands in
 #   that room (ok-). Project objects are project-wide, so the project admin reaches them from any
-#   room, but a manifest naming a room secret of alice cannot be resolved where she has none (FP).
+#   room; the manifest resolves on its author's authority in the author's room (OK), but applying
+#   it from another room is refused: alice delegated `matrix-own` to ops in room-1 only (PD).
 # - proj: nothing of project A exists for another project: addressed objects are NF, listings and
 #   creations happen in the caller's own project (ok-). RequestSecret: alice is not listening
 #   there (FP).
 # - nosg: the room APIs need the secrets grant (PD); ProjectSecrets needs only the project role.
-# - oaux: only RequestOAuthToken and GetOfflineOAuthToken check the OAuth grant (PD); answering an
-#   OAuth request is the asked participant's consent, not a token request.
+# - oaux: only RequestOAuthToken and GetOfflineOAuthToken check the OAuth grant (PD), which covers
+#   the token endpoint as well as the authorization endpoint; answering an OAuth request is the
+#   asked participant's consent, not a token request.
 # - a secret request may be sent by anyone in the room (DE: nobody answers; served from storage,
 #   without a prompt, only to the delegate). Exists and SetSecret for alice need room admin;
 #   DeleteSecret addresses the caller's own secrets only (NF); DeleteRequestedSecret also those
@@ -634,9 +674,13 @@ DE  DEADLINE_EXCEEDED (allowed to ask; nobody answers)
 #   only room admins write them.
 # - project roles: as tests/test_project.py::test_permission_matrix, here for every RPC; the
 #   developer reads key metadata but no value (METADATA_ONLY).
+# - no amplification (SECURITY.md "Authority"): the manifest names keys, a pull secret and alice's
+#   `matrix-own` (delegated to ops), so only a project admin who may read that secret applies it:
+#   not the developer, not ops without the secrets grant or in another room or project (PD).
+#   Because alice delegated it to ops, ops lists it (ListSecrets padm: OK, metadata only).
 EXPECTED = {
     #                                        room proj nosg oaux part dlgt ndlg radm padm dev  svc  osvc
-    "RoomSecrets/ListSecrets":               "ok- ok-  PD   OK   OK   OK   ok-  ok-  ok-  ok-  ok-  ok-",
+    "RoomSecrets/ListSecrets":               "ok- ok-  PD   OK   OK   OK   ok-  ok-  OK   ok-  ok-  ok-",
     "RoomSecrets/Exists":                    "ok- ok-  PD   OK   OK   PD   PD   OK   PD   PD   PD   PD",
     "RoomSecrets/SetSecret":                 "ok- ok-  PD   OK   OK   PD   PD   OK   PD   PD   PD   PD",
     "RoomSecrets/GetSecret":                 "NF  NF   PD   OK   OK   OK   PD   PD   PD   PD   PD   PD",
@@ -663,11 +707,11 @@ EXPECTED = {
     "ProjectSecrets/UpdatePullSecret":       "OK  NF   OK   OK   PD   PD   PD   PD   OK   PD   PD   PD",
     "ProjectSecrets/ListPullSecrets":        "OK  ok-  OK   OK   PD   PD   PD   PD   OK   OK   PD   PD",
     "ProjectSecrets/DeletePullSecret":       "OK  NF   OK   OK   PD   PD   PD   PD   OK   PD   PD   PD",
-    "ProjectSecrets/ApplyService":           "OK  ok-  OK   OK   PD   PD   PD   PD   OK   OK   PD   PD",
+    "ProjectSecrets/ApplyService":           "PD  PD   PD   OK   PD   PD   PD   PD   OK   PD   PD   PD",
     "ProjectSecrets/GetService":             "OK  NF   OK   OK   PD   PD   PD   PD   OK   OK   OK   PD",
     "ProjectSecrets/ListServices":           "OK  ok-  OK   OK   PD   PD   PD   PD   OK   OK   PD   PD",
     "ProjectSecrets/DeleteService":          "OK  NF   OK   OK   PD   PD   PD   PD   OK   OK   PD   PD",
-    "ProjectSecrets/ResolveService":         "FP  NF   OK   OK   PD   PD   PD   PD   OK   PD   OK   PD",
+    "ProjectSecrets/ResolveService":         "OK  NF   OK   OK   PD   PD   PD   PD   OK   PD   OK   PD",
 }  # fmt: skip
 METADATA_ONLY = {("ProjectSecrets/GetSecretKey", "dev")}
 
@@ -775,7 +819,7 @@ def test_another_project_reaches_no_project_secret(world: World) -> None:
         "ProjectSecrets/UpdatePullSecret": "PD   PD",
         "ProjectSecrets/ListPullSecrets":  "ok-  PD",
         "ProjectSecrets/DeletePullSecret": "PD   PD",
-        "ProjectSecrets/ApplyService":     "ok-  PD",
+        "ProjectSecrets/ApplyService":     "PD   PD",  # keys: not a developer's to give
         "ProjectSecrets/GetService":       "NF   NF",
         "ProjectSecrets/ListServices":     "ok-  PD",
         "ProjectSecrets/DeleteService":    "NF   PD",
@@ -811,7 +855,9 @@ def test_a_room_of_another_project_is_another_room(room: Participants) -> None:
 
 def test_a_manifest_of_another_project_names_no_room_secret_of_this_one(room: Participants) -> None:
     """The same through ProjectSecrets: an admin of project B whose token names room-1 must not
-    read a room secret of project A's room-1 by resolving a manifest that names it."""
+    read a room secret of project A's room-1 through a manifest that names it: it is not the
+    admin's to name (refused when applied), and even delegated to ops in project A it would be
+    looked up in project B's room-1, where it does not exist."""
     room.stub.SetSecret(
         pb.SetSecretRequest(secret_id="s", data=b"project-a-value"), metadata=room.auth("alice")
     )
@@ -829,11 +875,17 @@ def test_a_manifest_of_another_project_names_no_room_secret_of_this_one(room: Pa
               secret: {identity: alice, id: s}
         """
     )
-    project_b.ApplyService(ppb.ApplyServiceRequest(manifest=manifest), metadata=admin_b)
-    with pytest.raises(grpc.RpcError) as unresolved:
-        project_b.ResolveService(ppb.ResolveServiceRequest(name="thief"), metadata=admin_b)
-    assert unresolved.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # no such secret in B's room-1
-    assert "project-a-value" not in str(unresolved.value.details())
+    with pytest.raises(grpc.RpcError) as refused:
+        project_b.ApplyService(ppb.ApplyServiceRequest(manifest=manifest), metadata=admin_b)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    room.stub.SetSecret(
+        pb.SetSecretRequest(secret_id="s", data=b"project-a-value", delegated_to="ops"),
+        metadata=room.auth("alice"),
+    )
+    with pytest.raises(grpc.RpcError) as still_refused:  # delegated in project A, not in B
+        project_b.ApplyService(ppb.ApplyServiceRequest(manifest=manifest), metadata=admin_b)
+    assert still_refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "project-a-value" not in f"{refused.value.details()} {still_refused.value.details()}"
 
 
 # -- a server pinned to one issuer and audience: the issuer cases of the credential columns -------

@@ -376,3 +376,42 @@ def test_services_get_list_delete(project: Path, admin: Cli, developer: Cli) -> 
     missing = admin("services", "get", "plain")
     assert missing.returncode == 64 + 5
     assert stderr_line(missing) == "roomsecrets: NOT_FOUND: service 'plain' not found"
+
+
+def test_run_finds_the_command_in_the_callers_path_not_the_manifests(
+    project: Path, admin: Cli, room: Participants
+) -> None:
+    """A manifest's PATH (allowed by an admin) reaches the command's environment, but never
+    chooses which program `run` starts."""
+    decoy_dir = project / "decoy"
+    decoy_dir.mkdir()
+    marker = project / "decoy-ran"
+    decoy = decoy_dir / "true"
+    decoy.write_text(f"#!/bin/sh\ntouch {marker}\n")
+    decoy.chmod(0o755)
+    manifest = project / "pathy.yaml"
+    manifest.write_text(
+        "version: v1\nkind: Service\nmetadata: {name: pathy}\ncontainer:\n  image: r.example/p:1\n"
+        f"  allow_environment: [PATH]\n  environment:\n    - {{name: PATH, value: '{decoy_dir}'}}\n"
+    )
+    admin.ok("services", "apply", str(manifest))
+    pathy = Cli(room, "pathy", project_role="service", service="pathy")
+    done = pathy("run", "--service", "pathy", "--", "true")
+    assert done.returncode == 0, done.stderr
+    assert not marker.exists(), "the manifest's PATH chose the program"
+    show = "import os; print(os.environ['PATH'])"
+    assert pathy.ok("run", "--service", "pathy", "--", PY, "-c", show).decode().strip() == str(decoy_dir)
+
+
+def test_a_developer_cannot_give_a_service_bash_env(project: Path, room: Participants) -> None:
+    """BASH_ENV names code bash runs before the command, next to every secret it was given: a
+    developer's manifest setting it is refused when applied."""
+    manifest = project / "evil.yaml"
+    manifest.write_text(
+        "version: v1\nkind: Service\nmetadata: {name: api}\ncontainer:\n  image: r.example/a:1\n"
+        "  environment:\n    - {name: BASH_ENV, value: /tmp/steal.sh}\n"
+    )
+    developer = Cli(room, "dev", project_role="developer")
+    done = developer("services", "apply", str(manifest))
+    assert done.returncode == 64 + 3, done.stderr  # INVALID_ARGUMENT
+    assert "container.environment[0].name" in stderr_line(done)

@@ -88,7 +88,9 @@ def clients(room: Participants) -> Iterator[Callable[..., ProjectSecretsClient]]
 
 @pytest.fixture
 def admin(clients: Callable[..., ProjectSecretsClient]) -> ProjectSecretsClient:
-    return clients("ops", project_role="admin")
+    # Room admin too: MANIFEST mints a token for another identity (api-bot), which only an author
+    # who may act for other identities can put in a manifest.
+    return clients("ops", project_role="admin", admin=True)
 
 
 @pytest.fixture
@@ -98,8 +100,10 @@ def seeded(admin: ProjectSecretsClient, room: Participants) -> ProjectSecretsCli
     admin.create_pull_secret(
         "Registry", id="regcred", server="registry.example", username="puller", password=REGISTRY_PASSWORD
     )
+    # alice lets the manifest's author use her secret: a manifest names only what its author may read.
     room.stub.SetSecret(
-        rpb.SetSecretRequest(secret_id="gh", data=ROOM_SECRET.encode()), metadata=room.auth("alice")
+        rpb.SetSecretRequest(secret_id="gh", data=ROOM_SECRET.encode(), delegated_to="ops"),
+        metadata=room.auth("alice"),
     )
     admin.apply_service(MANIFEST)
     return admin
@@ -191,7 +195,7 @@ def test_permission_matrix(
     }
     expected = {
         "admin": "ok ok ok ok ok ok ok",
-        "developer": "denied no-values ok denied ok ok ok",
+        "developer": "denied no-values ok denied ok denied ok",  # MANIFEST holds keys: not a developer's
         "service api": "ok ok denied denied denied denied ok",
         "service other": "denied denied denied denied denied denied denied",
         "participant": "denied denied denied denied denied denied denied",

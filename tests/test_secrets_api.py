@@ -521,32 +521,6 @@ def test_delegate_cannot_delete_the_owners_secret(room: Participants) -> None:
 
 
 # -- DeleteRequestedSecret ----------------------------------------------------------------------------
-def test_delete_requested_secret_by_url_and_type(room: Participants) -> None:
-    md = room.auth("alice")
-    url = "https://git.example.com/org/repo.git"
-    set_secret(room, md, type="git", name=url, data=b"user:pass")
-    set_secret(room, md, type="text/plain", name=url, data=b"other-type")
-    room.stub.DeleteRequestedSecret(pb.DeleteRequestedSecretRequest(url=url, type="git"), metadata=md)
-    fails(lambda: get_secret(room, md, type="git", name=url), grpc.StatusCode.NOT_FOUND)
-    # Only that type went.
-    assert get_secret(room, md, type="text/plain", name=url).data == b"other-type"
-    # Again: nothing left to delete.
-    fails(
-        lambda: room.stub.DeleteRequestedSecret(
-            pb.DeleteRequestedSecretRequest(url=url, type="git"), metadata=md
-        ),
-        grpc.StatusCode.NOT_FOUND,
-    )
-
-
-def test_delete_requested_secret_default_type(room: Participants) -> None:
-    md = room.auth("alice")
-    url = "https://example.com/thing"
-    set_secret(room, md, name=url, data=b"v")  # type defaults to application/octet-stream
-    room.stub.DeleteRequestedSecret(pb.DeleteRequestedSecretRequest(url=url), metadata=md)
-    assert list_all(room, md) == []
-
-
 def test_delete_requested_secret_missing_is_not_found(room: Participants) -> None:
     fails(
         lambda: room.stub.DeleteRequestedSecret(
@@ -555,22 +529,6 @@ def test_delete_requested_secret_missing_is_not_found(room: Participants) -> Non
         ),
         grpc.StatusCode.NOT_FOUND,
     )
-
-
-def test_delete_requested_secret_with_delegation(room: Participants) -> None:
-    owner = room.auth("owner")
-    url = "https://example.com/delegated"
-    set_secret(room, owner, type="git", name=url, data=b"v", delegated_to="bob")
-    fails(
-        lambda: room.stub.DeleteRequestedSecret(
-            pb.DeleteRequestedSecretRequest(url=url, type="git"), metadata=owner
-        ),
-        grpc.StatusCode.NOT_FOUND,
-    )
-    room.stub.DeleteRequestedSecret(
-        pb.DeleteRequestedSecretRequest(url=url, type="git", delegated_to="bob"), metadata=owner
-    )
-    assert list_all(room, owner) == []
 
 
 # -- for_identity -------------------------------------------------------------------------------------

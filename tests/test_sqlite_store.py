@@ -106,12 +106,12 @@ def test_lookups_listings_and_startup_probes_are_index_searches(room: Participan
     grow with the whole store. Each statement is now an index search, never a scan."""
     room.stub.SetSecret(pb.SetSecretRequest(secret_id="s", name="n", data=b"v"), metadata=room.auth("alice"))
     db = room.server.settings.data_dir / "roomsecrets.db"
-    key = ("p/r", "alice", "", "n")
+    key = ("p/r", "alice", "", "answer", "n")
     statements: dict[str, tuple[str, tuple[object, ...]]] = {
         "by name and type": (store.FIND_BY_NAME_AND_TYPE, (*key, "t")),
         "by name alone": (store.FIND_BY_NAME, key),
-        "delete requested, owned": (store.DELETE_OWNED_BY_NAME, (*key, "t")),
-        "delete requested, delegated": (store.DELETE_DELEGATED_BY_NAME, ("p/r", "bob", "n", "t")),
+        "delete answers, owned": (store.DELETE_OWNED_ANSWERS, ("p/r", "alice", "", "n", "t")),
+        "delete answers, delegated": (store.DELETE_DELEGATED_ANSWERS, ("p/r", "bob", "n", "t")),
         "start-up key probe": (store.NEXT_KEK_SAMPLE, ("",)),
     }
     for after in (None, ("alice", "bob", "x"), ("bob", "", "x")):

@@ -63,9 +63,11 @@ class AuditLog:
         delegated_to: str = "",
         request_id: str = "",
         target: str = "",
+        authority: str = "",
     ) -> None:
         """Returns once the line is written (fail closed) or buffered; raises Unavailable if the
-        line cannot be written."""
+        line cannot be written. `authority`: on whose authority a value was released or deleted
+        (auth/authority.py), when that is not simply the actor as owner."""
         if self._fd is None:
             return
         entry = (
@@ -79,6 +81,7 @@ class AuditLog:
             delegated_to,
             request_id,
             target,
+            authority,
         )
         if not self.fail_closed:
             self._buffer.append(entry)
@@ -95,7 +98,7 @@ class AuditLog:
         """For events no caller waits on: the line joins the next write; a failure is logged."""
         if self._fd is None:
             return
-        entry = (time.time(), action, room, actor, outcome, "", "", "", request_id, target)
+        entry = (time.time(), action, room, actor, outcome, "", "", "", request_id, target, "")
         if self.fail_closed:
             self._enqueue(entry)
         else:
@@ -177,6 +180,7 @@ _FIELDS = (
     "delegated_to",
     "request_id",
     "target",
+    "authority",
 )
 
 

@@ -1208,9 +1208,15 @@ type ServiceInfo struct {
 	Description string `protobuf:"bytes,3,opt,name=description,proto3" json:"description,omitempty"`
 	// The manifest as applied (YAML). Literal environment values are part of it; secret values are
 	// not (they are referenced by id).
-	Manifest      string                 `protobuf:"bytes,4,opt,name=manifest,proto3" json:"manifest,omitempty"`
-	Etag          string                 `protobuf:"bytes,5,opt,name=etag,proto3" json:"etag,omitempty"`
-	UpdateTime    *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=update_time,json=updateTime,proto3" json:"update_time,omitempty"`
+	Manifest   string                 `protobuf:"bytes,4,opt,name=manifest,proto3" json:"manifest,omitempty"`
+	Etag       string                 `protobuf:"bytes,5,opt,name=etag,proto3" json:"etag,omitempty"`
+	UpdateTime *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=update_time,json=updateTime,proto3" json:"update_time,omitempty"`
+	// Who applied this version: the identity of the token that applied it, its project role and
+	// its room. The manifest releases nothing that author could not read or mint directly
+	// (SECURITY.md "Authority"). Empty for manifests applied before authors were recorded.
+	AppliedBy     string `protobuf:"bytes,7,opt,name=applied_by,json=appliedBy,proto3" json:"applied_by,omitempty"`
+	AppliedByRole string `protobuf:"bytes,8,opt,name=applied_by_role,json=appliedByRole,proto3" json:"applied_by_role,omitempty"`
+	AppliedInRoom string `protobuf:"bytes,9,opt,name=applied_in_room,json=appliedInRoom,proto3" json:"applied_in_room,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1285,6 +1291,27 @@ func (x *ServiceInfo) GetUpdateTime() *timestamppb.Timestamp {
 		return x.UpdateTime
 	}
 	return nil
+}
+
+func (x *ServiceInfo) GetAppliedBy() string {
+	if x != nil {
+		return x.AppliedBy
+	}
+	return ""
+}
+
+func (x *ServiceInfo) GetAppliedByRole() string {
+	if x != nil {
+		return x.AppliedByRole
+	}
+	return ""
+}
+
+func (x *ServiceInfo) GetAppliedInRoom() string {
+	if x != nil {
+		return x.AppliedInRoom
+	}
+	return ""
 }
 
 type ApplyServiceRequest struct {
@@ -1703,8 +1730,12 @@ type ResolveServiceResponse struct {
 	// part of `environment`.
 	DockerConfigJson []byte `protobuf:"bytes,2,opt,name=docker_config_json,json=dockerConfigJson,proto3" json:"docker_config_json,omitempty"`
 	Image            string `protobuf:"bytes,3,opt,name=image,proto3" json:"image,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// Names in `environment` that a loader, interpreter or shell reads at start-up, set because a
+	// project admin listed them in the manifest's `container.allow_environment`. `roomsecrets run`
+	// refuses to start a command with any other such name.
+	AllowedEnvironment []string `protobuf:"bytes,4,rep,name=allowed_environment,json=allowedEnvironment,proto3" json:"allowed_environment,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *ResolveServiceResponse) Reset() {
@@ -1756,6 +1787,13 @@ func (x *ResolveServiceResponse) GetImage() string {
 		return x.Image
 	}
 	return ""
+}
+
+func (x *ResolveServiceResponse) GetAllowedEnvironment() []string {
+	if x != nil {
+		return x.AllowedEnvironment
+	}
+	return nil
 }
 
 var File_roomsecrets_v1_project_secrets_proto protoreflect.FileDescriptor
@@ -1847,7 +1885,7 @@ const file_roomsecrets_v1_project_secrets_proto_rawDesc = "" +
 	"\x17DeletePullSecretRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04etag\x18\x02 \x01(\tR\x04etag\"\x1a\n" +
-	"\x18DeletePullSecretResponse\"\xc4\x01\n" +
+	"\x18DeletePullSecretResponse\"\xb3\x02\n" +
 	"\vServiceInfo\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04kind\x18\x02 \x01(\tR\x04kind\x12 \n" +
@@ -1855,7 +1893,11 @@ const file_roomsecrets_v1_project_secrets_proto_rawDesc = "" +
 	"\bmanifest\x18\x04 \x01(\tR\bmanifest\x12\x12\n" +
 	"\x04etag\x18\x05 \x01(\tR\x04etag\x12;\n" +
 	"\vupdate_time\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"updateTime\"E\n" +
+	"updateTime\x12\x1d\n" +
+	"\n" +
+	"applied_by\x18\a \x01(\tR\tappliedBy\x12&\n" +
+	"\x0fapplied_by_role\x18\b \x01(\tR\rappliedByRole\x12&\n" +
+	"\x0fapplied_in_room\x18\t \x01(\tR\rappliedInRoom\"E\n" +
 	"\x13ApplyServiceRequest\x12\x1a\n" +
 	"\bmanifest\x18\x01 \x01(\tR\bmanifest\x12\x12\n" +
 	"\x04etag\x18\x02 \x01(\tR\x04etag\"M\n" +
@@ -1877,11 +1919,12 @@ const file_roomsecrets_v1_project_secrets_proto_rawDesc = "" +
 	"\tvariables\x18\x02 \x03(\v24.roomsecrets.v1.ResolveServiceRequest.VariablesEntryR\tvariables\x1a<\n" +
 	"\x0eVariablesEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xf7\x01\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xa8\x02\n" +
 	"\x16ResolveServiceResponse\x12Y\n" +
 	"\venvironment\x18\x01 \x03(\v27.roomsecrets.v1.ResolveServiceResponse.EnvironmentEntryR\venvironment\x12,\n" +
 	"\x12docker_config_json\x18\x02 \x01(\fR\x10dockerConfigJson\x12\x14\n" +
-	"\x05image\x18\x03 \x01(\tR\x05image\x1a>\n" +
+	"\x05image\x18\x03 \x01(\tR\x05image\x12/\n" +
+	"\x13allowed_environment\x18\x04 \x03(\tR\x12allowedEnvironment\x1a>\n" +
 	"\x10EnvironmentEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01*\x7f\n" +

@@ -89,10 +89,25 @@ class ServiceInfo:
     manifest: str
     etag: str = ""
     update_time: datetime | None = None
+    # Who applied this version (identity, project role, room): the manifest releases nothing that
+    # author could not read or mint directly. Empty for manifests applied before this was kept.
+    applied_by: str = ""
+    applied_by_role: str = ""
+    applied_in_room: str = ""
 
     @classmethod
     def from_pb(cls, info: pb.ServiceInfo) -> ServiceInfo:
-        return cls(info.name, info.kind, info.description, info.manifest, info.etag, _time(info.update_time))
+        return cls(
+            info.name,
+            info.kind,
+            info.description,
+            info.manifest,
+            info.etag,
+            _time(info.update_time),
+            info.applied_by,
+            info.applied_by_role,
+            info.applied_in_room,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +117,18 @@ class ResolvedService:
     environment: Mapping[str, str] = field(repr=False)
     docker_config_json: bytes = field(default=b"", repr=False)
     image: str = ""
+    # Start-up variables (a loader's, interpreter's or shell's) a project admin allowed this
+    # service; `roomsecrets run` refuses any other such name in `environment`.
+    allowed_environment: tuple[str, ...] = ()
+
+    @classmethod
+    def from_pb(cls, reply: pb.ResolveServiceResponse) -> ResolvedService:
+        return cls(
+            dict(reply.environment),
+            bytes(reply.docker_config_json),
+            reply.image,
+            tuple(reply.allowed_environment),
+        )
 
 
 class ProjectSecretsClient:
@@ -268,7 +295,7 @@ class ProjectSecretsClient:
         reply = self._call(
             self._stub.ResolveService, pb.ResolveServiceRequest(name=name, variables=dict(variables or {}))
         )
-        return ResolvedService(dict(reply.environment), bytes(reply.docker_config_json), reply.image)
+        return ResolvedService.from_pb(reply)
 
 
 class AsyncProjectSecretsClient:
@@ -441,4 +468,4 @@ class AsyncProjectSecretsClient:
         reply = await self._call(
             self._stub.ResolveService, pb.ResolveServiceRequest(name=name, variables=dict(variables or {}))
         )
-        return ResolvedService(dict(reply.environment), bytes(reply.docker_config_json), reply.image)
+        return ResolvedService.from_pb(reply)

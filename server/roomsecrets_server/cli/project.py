@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -25,6 +26,7 @@ import grpc
 from roomsecrets.errors import SecretsError
 from roomsecrets.project import ProjectSecretsClient, PullSecretInfo, SecretKeyInfo, ServiceInfo
 
+from ..project import launch
 from .errors import EXIT_LOCAL, EXIT_OK, EXIT_USAGE, PROG, CliError, exit_codes_epilog, rpc_exit_code
 from .room import client_options, connection_options, fail, jsonable, print_json, write_out
 
@@ -360,6 +362,10 @@ def run_run(args: argparse.Namespace) -> int:
     variables = read_variables(args)
     with connect(args) as client:
         resolved = call(lambda: client.resolve_service(args.service, variables))
+    for name in resolved.environment:  # the server refuses these too; never trust one place alone
+        controls = launch.denied(name)
+        if controls and name not in resolved.allowed_environment:
+            raise CliError(f"service {args.service}: {launch.refusal(name, controls)}", EXIT_LOCAL)
     env = dict(os.environ)
     if not args.keep_token:
         env.pop("ROOMSECRETS_TOKEN", None)
@@ -368,13 +374,17 @@ def run_run(args: argparse.Namespace) -> int:
 
 
 def exec_command(command: list[str], env: dict[str, str]) -> NoReturn:
-    """Become `command` (PATH is searched in `env`): its exit code is ours, and signals sent to
-    this process reach it directly."""
+    """Become `command`: its exit code is ours, and signals sent to this process reach it
+    directly. The command is searched in OUR `PATH`, never in `env`'s: a manifest does not choose
+    which program runs."""
     sys.stdout.flush()
     sys.stderr.flush()
+    program = command[0] if "/" in command[0] else shutil.which(command[0])
+    if program is None:
+        raise CliError(f"{command[0]}: command not found", EXIT_COMMAND_NOT_FOUND)
     previous = {sig: signal.signal(sig, signal.SIG_DFL) for sig in _RESET_SIGNALS}
     try:
-        os.execvpe(command[0], command, env)  # noqa: S606 - running the user's command is the point
+        os.execve(program, command, env)  # noqa: S606 - running the user's command is the point
     except (FileNotFoundError, NotADirectoryError):
         raise CliError(f"{command[0]}: command not found", EXIT_COMMAND_NOT_FOUND) from None
     except OSError as error:
@@ -396,8 +406,8 @@ def add_variable_options(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="a ServiceTemplate variable (repeatable; visible in the process list: give obscure "
-        "values in --var-file)",
+        help="a ServiceTemplate variable (repeatable; visible to other local users in `ps`: give "
+        "obscure values in --var-file)",
     )
     parser.add_argument(
         "--var-file",

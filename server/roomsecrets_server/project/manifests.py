@@ -22,6 +22,7 @@ import yaml
 
 from .. import validate
 from ..errors import InvalidArgument
+from . import launch
 
 MAX_MANIFEST = 256 * 1024
 VERSION = "v1"
@@ -85,6 +86,8 @@ class Manifest:
     environment: tuple[EnvVar, ...]
     variables: tuple[Variable, ...]  # ServiceTemplate only
     source: str  # the YAML text as given
+    # Names launch.denied() refuses that this manifest may set anyway (project admins only).
+    allow_environment: tuple[str, ...] = ()
 
 
 # -- public API ------------------------------------------------------------------------------------
@@ -112,8 +115,9 @@ def parse_manifest(text: str) -> Manifest:
     description = _string(meta.get("description"), "metadata.description", multiline=True)
 
     variables = tuple(_variables(root.get("variables")))
-    keys = ("image", "command", "secrets", "pull_secret", "environment")
+    keys = ("image", "command", "secrets", "pull_secret", "environment", "allow_environment")
     container = _mapping(root["container"], "container", keys, required=("image",))
+    allowed = _strings(container.get("allow_environment"), "container.allow_environment", _allowable)
     if template:
         for key in ("secrets", "pull_secret"):
             if key in container:
@@ -133,9 +137,10 @@ def parse_manifest(text: str) -> Manifest:
         command=_string(container.get("command"), "container.command", multiline=True),
         secrets=_strings(container.get("secrets"), "container.secrets", validate.secret_id),
         pull_secret=_checked(container.get("pull_secret"), "container.pull_secret", validate.secret_id),
-        environment=_environment(container.get("environment"), variables if template else None),
+        environment=_environment(container.get("environment"), variables if template else None, allowed),
         variables=variables,
         source=text,
+        allow_environment=allowed,
     )
 
 
@@ -207,8 +212,11 @@ def _variables(node: yaml.Node | None) -> Iterator[Variable]:
         )
 
 
-def _environment(node: yaml.Node | None, variables: tuple[Variable, ...] | None) -> tuple[EnvVar, ...]:
-    """Parse `container.environment`; `variables` is None for a Service (values are plain literals)."""
+def _environment(
+    node: yaml.Node | None, variables: tuple[Variable, ...] | None, allowed: tuple[str, ...]
+) -> tuple[EnvVar, ...]:
+    """Parse `container.environment`; `variables` is None for a Service (values are plain literals).
+    Names a loader, interpreter or shell reads at start-up are refused unless `allowed`."""
     out: dict[str, EnvVar] = {}
     for i, item in enumerate(_seq(node, "container.environment")):
         field = f"container.environment[{i}]"
@@ -218,6 +226,9 @@ def _environment(node: yaml.Node | None, variables: tuple[Variable, ...] | None)
             _fail(f"{field}.name", m["name"], "must be an env-var name: [A-Za-z_][A-Za-z0-9_]*")
         if name in out:
             _fail(f"{field}.name", m["name"], f"duplicate env-var name {name}")
+        controls = launch.denied(name)
+        if controls and name not in allowed:
+            _fail(f"{field}.name", m["name"], launch.refusal(name, controls))
         if sum(key in m for key in ("value", "token", "secret")) != 1:
             _fail(field, item, "must have exactly one of value, token, secret")
         if "value" in m:
@@ -416,6 +427,14 @@ def _strings(node: yaml.Node | None, field: str, check: Callable[[str, str], str
             _fail(f"{field}[{i}]", item, f"duplicate entry {value}")
         out.append(value)
     return tuple(out)
+
+
+def _allowable(value: str, field: str) -> str:
+    if not _ENV_NAME.fullmatch(value):
+        raise InvalidArgument(field, "must be an env-var name: [A-Za-z_][A-Za-z0-9_]*")
+    if not launch.denied(value):
+        raise InvalidArgument(field, f"{value} needs no allowing (only names the server refuses do)")
+    return value
 
 
 def _identity(value: str, field: str) -> str:

@@ -9,6 +9,14 @@ and check-and-set of room secrets; the store sees only ciphertext.
 Who may do what (roles from the token's `project` grant): admins manage everything and read
 values; developers apply manifests and read metadata, never values; a service token resolves its
 own manifest (and reads the keys it declares), nothing else.
+
+No amplification (auth/authority.py): a manifest is stored with its author's authority (sealed
+with it), and releases nothing its author could not read or mint directly. That is checked
+against the author's token when the manifest is applied, and again at resolution: a Service's
+room secrets and minted tokens resolve on its author's authority in the author's room (an owner
+who revokes a delegation takes the secret away from the manifest); a ServiceTemplate's, on the
+installer's — the caller of ResolveService, in the room its token names. Key values and pull
+secrets need a project admin as author.
 """
 
 from __future__ import annotations
@@ -17,11 +25,13 @@ import base64
 import json
 import re
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from .. import validate
 from ..audit import AuditLog
+from ..auth import authority
 from ..auth.principal import Principal
 from ..errors import (
     AlreadyExists,
@@ -32,8 +42,9 @@ from ..errors import (
     PermissionDenied,
 )
 from ..secrets.service import SecretsService
-from ..store import ABSENT, ANY, SecretKey, SecretRecord, Store, WriteCondition
-from .manifests import EnvVar, Manifest, TokenSpec, obscure_references, parse_manifest, render_environment
+from ..store import ABSENT, ANY, SecretKey, SecretKind, SecretRecord, Store, WriteCondition
+from . import launch
+from .manifests import EnvVar, Manifest, SecretRef, obscure_references, parse_manifest, render_environment
 
 PROJECT_ROOM = ""  # no participant token names an empty room
 KEY_TYPE = "application/vnd.roomsecrets.project-secret-key+json"
@@ -46,9 +57,26 @@ MAX_VALUE_BYTES = 64 * 1024  # per environment value
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 FLAVORS = {"docker": "none@example.com", "acr": "none@microsoft.com", "gar": "none@google.com"}
 
-# mint(identity, room, project, role, api grants) -> a participant token; None if the server has
-# no signing key (then manifests with `token:` entries cannot be resolved).
-TokenMinter = Callable[[str, str, str, str, tuple[str, ...]], str]
+# The sealed form of a stored manifest: the YAML and its author's authority (authority.record_of).
+# Rows written before authors were recorded hold the bare YAML: they resolve literal values only.
+_SERVICE_FORMAT = "roomsecrets.service/v2"
+
+
+class TokenMinter(Protocol):
+    """Mints a participant token for a manifest's `token:` entry; None in the server when it has
+    no signing key (then such entries cannot be resolved)."""
+
+    def __call__(
+        self,
+        identity: str,
+        room: str,
+        project: str,
+        role: str,
+        api: tuple[str, ...],
+        *,
+        request_oauth_token: list[dict[str, Any]] | None,
+    ) -> str: ...
+
 
 # Every project role; a token with none of them is refused before its request is looked at.
 PROJECT_ROLES = ("admin", "developer", "service")
@@ -81,6 +109,10 @@ class StoredService:
     manifest: Manifest
     etag: str
     update_time: float
+    author: Principal | None  # None: applied before authors were recorded
+
+    def author_may_read_project_values(self) -> bool:
+        return self.author is not None and self.author.project_role == "admin"
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +120,8 @@ class Resolved:
     environment: dict[str, str]
     docker_config_json: bytes
     image: str
+    # Names in `environment` that launch.denied() refuses and the manifest's admin allowed.
+    allowed_environment: tuple[str, ...] = ()
 
 
 class ProjectService:
@@ -117,11 +151,16 @@ class ProjectService:
         id_ = validate.secret_id(id_, "id")
         if p.project_role == "service":
             try:
-                may_read = id_ in (await self._service(p, p.service)).manifest.secrets
+                stored = await self._service(p, p.service)
             except NotFound:
-                may_read = False
-            if not may_read:
+                stored = None
+            if stored is None or id_ not in stored.manifest.secrets:
+                await self._audit.record(
+                    "get_secret_key", room=_where(p), actor=p.identity, outcome="denied", secret_id=id_
+                )
                 raise PermissionDenied(f"service {p.service!r} does not declare secret key {id_!r}")
+            self._check_author_reads_values(stored, f"secret key {id_!r}")
+            may_read = True
         else:
             p.require_project_role("admin", "developer", what="reading a secret key")
             may_read = p.project_role == "admin"
@@ -257,15 +296,59 @@ class ProjectService:
     async def apply_service(self, p: Principal, text: str, etag: str) -> StoredService:
         p.require_project_role("admin", "developer", what="applying a manifest")
         manifest = parse_manifest(text)  # refused whole when invalid: nothing is written
+        try:
+            await self._check_author(p, manifest)  # no amplification: nothing beyond the author's own
+        except PermissionDenied:
+            await self._audit.record(
+                "apply_service", room=_where(p), actor=p.identity, outcome="denied", target=manifest.name
+            )
+            raise
         key = _key(p, "service:" + manifest.name)
         existing = await self._store.get_secret(key)
         if etag and (existing is None or existing.etag != etag):
             raise EtagMismatch(f"etag does not match: service {manifest.name!r} has changed")
         condition = WriteCondition(etag=existing.etag) if existing else ABSENT
-        record = self._secrets.seal(key, SERVICE_TYPE, manifest.name, text.encode())
+        sealed = {"format": _SERVICE_FORMAT, "manifest": text, "author": authority.record_of(p)}
+        record = self._secrets.seal(key, SERVICE_TYPE, manifest.name, json.dumps(sealed).encode())
         await self._store.put_secret(record, condition)
-        await self._audit.record("apply_service", room=_where(p), actor=p.identity, target=manifest.name)
-        return StoredService(manifest, record.etag, record.update_time)
+        await self._audit.record(
+            "apply_service",
+            room=_where(p),
+            actor=p.identity,
+            target=manifest.name,
+            authority=f"{p.project_role}:{p.identity} in room {p.room_name}",
+        )
+        return StoredService(manifest, record.etag, record.update_time, p)
+
+    async def _check_author(self, author: Principal, manifest: Manifest) -> None:
+        """What `author` may put into a manifest: only what it could read or mint itself."""
+        if manifest.secrets:
+            authority.check_reads_project_values(author, "container.secrets")
+        if manifest.pull_secret:
+            authority.check_reads_project_values(author, "container.pull_secret")
+        if manifest.allow_environment and author.project_role != "admin":
+            raise PermissionDenied(
+                "container.allow_environment: only a project admin may allow variables that a "
+                "loader, interpreter or shell reads at start-up"
+            )
+        for i, entry in enumerate(manifest.environment):
+            field = f"container.environment[{i}]"
+            if entry.token is not None:
+                spec = entry.token
+                authority.check_mints(author, spec.identity, spec.api, f"{field}.token")
+            elif entry.secret is not None:
+                key = _referenced(author, entry.secret)
+                try:
+                    authority.reads_as(author, key.owner, key.delegated_to)
+                except PermissionDenied as refused:
+                    raise PermissionDenied(f"{field}.secret: {refused.message}") from None
+                if key.delegated_to and await self._store.get_secret(key) is None:
+                    raise PermissionDenied(
+                        f"{field}.secret: {author.identity!r} may not read room secret {key.secret_id!r} "
+                        f"of {key.owner!r}: it is not delegated to {author.identity!r} in room "
+                        f"{author.room_name!r} (a manifest names the author's own secrets, or those "
+                        "delegated to the author)"
+                    )
 
     async def get_service(self, p: Principal, name: str) -> StoredService:
         p.require_project_role(*PROJECT_ROLES, what="reading a manifest")
@@ -296,9 +379,11 @@ class ProjectService:
                 raise PermissionDenied(f"a token of service {p.service!r} may not resolve service {name!r}")
         else:
             p.require_project_role("admin", what="resolving a service")
-        manifest = (await self._service(p, name)).manifest
+        stored = await self._service(p, name)
+        manifest = stored.manifest
         env: dict[str, str] = {}
         sources: dict[str, str] = {}
+        allowed: list[str] = []
 
         def put(var: str, value: str, source: str) -> None:
             if var in env:
@@ -306,8 +391,18 @@ class ProjectService:
                     f"service {name!r}: environment variable {var} comes from both "
                     f"{sources[var]} and {source}"
                 )
+            controls = launch.denied(var)
+            if controls:
+                if var not in manifest.allow_environment or not stored.author_may_read_project_values():
+                    raise FailedPrecondition(
+                        f"service {name!r}: {source}: {launch.refusal(var, controls)}",
+                        reason="ENVIRONMENT_DENIED",
+                    )
+                allowed.append(var)
             env[var], sources[var] = value, source
 
+        if manifest.secrets or manifest.pull_secret:
+            self._check_author_reads_values(stored, "its secret keys and pull secret")
         for key_id in manifest.secrets:
             try:
                 bundle = await self._key(p, key_id)
@@ -318,17 +413,19 @@ class ProjectService:
                 ) from None
             for var, value in sorted(bundle.data.items()):
                 put(var, value, f"secret key {key_id!r}")
+            await self._audit_release(p, stored, "resolve_service.secret_key", secret_id=key_id)
         obscure = obscure_references(manifest)
         supplied = dict(variables)
         for var in set(obscure.values()) - set(supplied):
-            stored = await self._store.get_secret(_obscure_key(p, manifest, var))
-            if stored is not None:  # given at an earlier install in this room
-                supplied[var] = _utf8(self._secrets.open(stored), manifest, stored.key.secret_id)
+            kept = await self._template_variable(p, manifest, var)
+            if kept is not None:  # given at an earlier install in this room
+                supplied[var] = _utf8(self._secrets.open(kept), manifest, kept.key.secret_id)
         rendered = render_environment(manifest, supplied)
+        room_authority = self._room_authority(stored, p)
         for entry in rendered:
             put(
                 entry.name,
-                await self._env_value(p, manifest, entry, obscure, variables),
+                await self._env_value(p, stored, room_authority, entry, obscure, variables),
                 f"environment {entry.name}",
             )
         docker = b""
@@ -341,50 +438,144 @@ class ProjectService:
                     reason="MISSING_SECRET",
                 ) from None
             docker = docker_config_json(pull)
+            await self._audit_release(
+                p, stored, "resolve_service.pull_secret", secret_id=manifest.pull_secret
+            )
         await self._audit.record("resolve_service", room=_where(p), actor=p.identity, target=name)
-        return Resolved(env, docker, manifest.image)
+        return Resolved(env, docker, manifest.image, tuple(allowed))
+
+    def _check_author_reads_values(self, stored: StoredService, what: str) -> None:
+        """Key values and pull secrets leave through a manifest only on a project admin's authority."""
+        name = stored.manifest.name
+        if stored.author is None:
+            raise FailedPrecondition(
+                f"service {name!r} was applied before manifests recorded their author, so it cannot "
+                f"release {what}: a project admin must apply it again",
+                reason="MANIFEST_AUTHOR_UNKNOWN",
+            )
+        if not stored.author_may_read_project_values():
+            raise PermissionDenied(
+                f"service {name!r} was applied by {stored.author.identity!r}, who may not read the "
+                f"values of {what}: a project admin must apply it"
+            )
+
+    @staticmethod
+    def _room_authority(stored: StoredService, resolver: Principal) -> Principal | None:
+        """On whose authority a manifest's room secrets and tokens are released: a Service's
+        author (in the author's room), a ServiceTemplate's installer (in the room it installs into)."""
+        return resolver if stored.manifest.kind == "ServiceTemplate" else stored.author
+
+    async def _audit_release(
+        self,
+        p: Principal,
+        stored: StoredService,
+        action: str,
+        *,
+        secret_id: str = "",
+        target: str = "",
+        on: Principal | None = None,
+    ) -> None:
+        by = on or stored.author
+        how = f"{by.project_role or 'participant'}:{by.identity}" if by else "unknown"
+        await self._audit.record(
+            action,
+            room=_where(p) if on is None else on.room,
+            actor=p.identity,
+            secret_id=secret_id,
+            target=target or stored.manifest.name,
+            authority=f"{how} (manifest {stored.manifest.name})",
+        )
 
     async def _env_value(
         self,
         p: Principal,
-        manifest: Manifest,
+        stored: StoredService,
+        room_authority: Principal | None,
         entry: EnvVar,
         obscure: Mapping[str, str],
         variables: Mapping[str, str],
     ) -> str:
+        manifest = stored.manifest
         if entry.name in obscure:
             return await self._obscure_value(p, manifest, obscure[entry.name], variables)
         if entry.value is not None:
             return entry.value
+        where = f"service {manifest.name!r}: environment {entry.name}"
+        if room_authority is None:
+            raise FailedPrecondition(
+                f"{where}: the manifest was applied before manifests recorded their author, so its "
+                "room secrets and tokens cannot be released: apply it again",
+                reason="MANIFEST_AUTHOR_UNKNOWN",
+            )
         if entry.token is not None:
-            return self._token(p, manifest, entry.token)
+            spec = entry.token
+            authority.check_mints(room_authority, spec.identity, spec.api, f"{where}: token")
+            if self._mint is None:
+                raise FailedPrecondition(
+                    f"{where} asks for a minted token, but this server has no signing key (run it "
+                    "with the development key, or give the token as a room secret)"
+                )
+            token = self._mint(
+                spec.identity,
+                room_authority.room_name,
+                room_authority.project,
+                spec.role,
+                spec.api,
+                request_oauth_token=authority.minted_oauth_restriction(room_authority),
+            )
+            await self._audit_release(
+                p, stored, "resolve_service.token", target=spec.identity, on=room_authority
+            )
+            return token
         assert entry.secret is not None
         ref = entry.secret
-        record = await self._store.get_secret(SecretKey(p.room, ref.identity, "", ref.id))
+        key = _referenced(room_authority, ref)
+        record = await self._store.get_secret(key)
         if record is None:
+            delegation = f" delegated to {key.delegated_to!r}" if key.delegated_to else ""
             raise FailedPrecondition(
-                f"service {manifest.name!r}: environment {entry.name} names room secret {ref.id!r} of "
-                f"{ref.identity!r}, which does not exist in room {p.room_name!r}",
+                f"{where} names room secret {ref.id!r} of {ref.identity!r}{delegation}, which does not "
+                f"exist in room {room_authority.room_name!r}",
                 reason="MISSING_SECRET",
             )
+        value = await self._secrets.release(
+            room_authority,
+            record,
+            "resolve_service.secret",
+            actor=p.identity,
+            on_behalf=f"manifest {manifest.name}",
+        )
         try:
-            return self._secrets.open(record).decode()
+            return value.data.decode()
         except UnicodeDecodeError:
             raise FailedPrecondition(
                 f"service {manifest.name!r}: room secret {ref.id!r} is not UTF-8 text, so it cannot be an "
                 "environment variable"
             ) from None
 
+    async def _template_variable(self, p: Principal, manifest: Manifest, var: str) -> SecretRecord | None:
+        """The stored value of an `obscure` variable in the caller's room, if the template stored
+        one: a secret of the same id that the template did not create is never used or replaced."""
+        stored = await self._store.get_secret(_obscure_key(p, manifest, var))
+        if stored is not None and stored.kind != SecretKind.TEMPLATE_VARIABLE:
+            raise FailedPrecondition(
+                f"service {manifest.name!r}: room secret {stored.key.secret_id!r} of {stored.key.owner!r} "
+                f"was not stored by template {manifest.name!r}, so it is neither used nor replaced for "
+                f"variable {var}",
+                reason="NOT_A_TEMPLATE_VARIABLE",
+            )
+        return stored
+
     async def _obscure_value(
         self, p: Principal, manifest: Manifest, var: str, variables: Mapping[str, str]
     ) -> str:
         """An `obscure` template variable lives as a room secret of the service's identity (its
-        name): stored when supplied, read back when not."""
+        name), of kind TEMPLATE_VARIABLE: stored when supplied, read back when not."""
         key = _obscure_key(p, manifest, var)
+        existing = await self._template_variable(p, manifest, var)
         if var in variables:
             value = variables[var]
-            existing = await self._store.get_secret(key)
-            record = self._secrets.seal(key, "text/plain", "", value.encode())
+            record = self._secrets.seal(key, "text/plain", "", value.encode(), SecretKind.TEMPLATE_VARIABLE)
             await self._store.put_secret(record, WriteCondition(etag=existing.etag) if existing else ABSENT)
             await self._audit.record(
                 "store_template_secret",
@@ -394,18 +585,9 @@ class ProjectService:
                 owner=key.owner,
             )
             return value
-        stored = await self._store.get_secret(key)
-        if stored is None:
+        if existing is None:
             raise InvalidArgument(f"variables.{var}", "is required (no stored value for this room yet)")
-        return _utf8(self._secrets.open(stored), manifest, key.secret_id)
-
-    def _token(self, p: Principal, manifest: Manifest, spec: TokenSpec) -> str:
-        if self._mint is None:
-            raise FailedPrecondition(
-                f"service {manifest.name!r} asks for a minted token, but this server has no signing key "
-                "(run it with the development key, or give the token as a room secret)"
-            )
-        return self._mint(spec.identity, p.room_name, p.project, spec.role, spec.api)
+        return _utf8(self._secrets.open(existing), manifest, key.secret_id)
 
     # -- storage helpers ----------------------------------------------------------------------
     async def _write(
@@ -471,9 +653,21 @@ class ProjectService:
         )
 
     def _stored_service(self, record: SecretRecord) -> StoredService:
-        return StoredService(
-            parse_manifest(self._secrets.open(record).decode()), record.etag, record.update_time
-        )
+        text, author = _unpack_service(self._secrets.open(record))
+        return StoredService(parse_manifest(text), record.etag, record.update_time, author)
+
+
+def _unpack_service(sealed: bytes) -> tuple[str, Principal | None]:
+    """(manifest text, author) of a stored manifest; a bare YAML row has no recorded author."""
+    text = sealed.decode()
+    if text.startswith("{"):
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict) and doc.get("format") == _SERVICE_FORMAT:
+            return str(doc["manifest"]), authority.principal_of(doc["author"])
+    return text, None
 
 
 def docker_config_json(pull: PullSecret) -> bytes:
@@ -499,6 +693,13 @@ def _project(p: Principal) -> str:
 
 def _key(p: Principal, secret_id: str) -> SecretKey:
     return SecretKey(PROJECT_ROOM, _project(p), "", secret_id)
+
+
+def _referenced(reader: Principal, ref: SecretRef) -> SecretKey:
+    """The row a manifest's `secret: {identity, id}` names when read on `reader`'s authority: the
+    reader's own secret, or one its owner delegated to the reader, in the reader's room."""
+    delegated_to = "" if ref.identity == reader.identity else reader.identity
+    return SecretKey(reader.room, ref.identity, delegated_to, ref.id)
 
 
 def _obscure_key(p: Principal, manifest: Manifest, var: str) -> SecretKey:

@@ -2,8 +2,10 @@
 
 A asks B (`request_secret`): a pending request (id, from, to, url, type, delegate_to, deadline)
 is stored, then pushed on B's WatchRequests stream(s). B answers with `provide_secret` (the value
-is stored encrypted as B's secret keyed by (type, name=url), delegated to `delegate_to`, in the
-same transaction that closes the request) or `reject_secret`. Exactly one answer wins.
+is stored encrypted as B's *answer*, keyed by (type, name=url), delegated to `delegate_to`, in the
+same transaction that closes the request) or `reject_secret`. Exactly one answer wins. Answers are
+their own kind (SecretKind.ANSWER): they never replace a secret B stored with SetSecret, and a
+later identical request by the delegate is answered from them without a prompt.
 
 Nothing waits forever: A's wait is bounded by the timeout and its call deadline; a cancelled
 call cancels the request; a request to someone with no open stream fails fast (after a short
@@ -36,6 +38,7 @@ from ..errors import (
     ResourceExhausted,
     Unavailable,
 )
+from ..quotas import QuotaExceeded, Quotas
 from ..secrets.service import SecretsService, SecretValue
 from ..store import (
     ABSENT,
@@ -43,6 +46,7 @@ from ..store import (
     RequestRecord,
     RequestState,
     SecretKey,
+    SecretKind,
     SecretRecord,
     Store,
     WriteCondition,
@@ -76,11 +80,13 @@ class RequestService:
         *,
         listener_grace: float,
         sweep_interval: float = 1.0,
+        quotas: Quotas,
     ) -> None:
         self._store = store
         self._secrets = secrets
         self._notifier = notifier
         self._audit = audit
+        self._quotas = quotas
         self.listener_grace = listener_grace
         self._sweep_interval = sweep_interval
         self._waiters: Counter[str] = Counter()  # local requesters waiting on each request
@@ -124,19 +130,9 @@ class RequestService:
         # Provided earlier and delegated to the caller: answer from storage, without a prompt
         # (DeleteRequestedSecret forces a new one).
         if delegate_to and delegate_to == p.identity:
-            found = await self._store.find_secrets(p.room, target, delegate_to, type_, url)
+            found = await self._store.find_secrets(p.room, target, delegate_to, SecretKind.ANSWER, type_, url)
             if found:
-                value = SecretValue(found[0], self._secrets.open(found[0]))
-                await self._audit.record(
-                    "request_secret",
-                    room=p.room,
-                    actor=p.identity,
-                    outcome="from_store",
-                    secret_id=found[0].key.secret_id,
-                    owner=target,
-                    delegated_to=delegate_to,
-                )
-                return "", value
+                return "", await self._secrets.release(p, found[0], "request_secret", outcome="from_store")
 
         wait = float(timeout) if call_time_remaining is None else min(float(timeout), call_time_remaining)
         deadline = time.time() + wait  # fixed now: waiting for a listener counts against it
@@ -209,6 +205,11 @@ class RequestService:
                 request_id=record.request_id,
                 target=target,
             )
+        except QuotaExceeded:  # the store refused it (quotas.py): nothing was stored or pushed
+            await self._audit.record(
+                action, room=p.room, actor=p.identity, outcome="quota_exceeded", target=target
+            )
+            raise
         except BaseException:
             # The requester went away while the request was being stored, or its audit line
             # could not be written: once it is stored, cancel it, so the asked participant is not
@@ -294,7 +295,7 @@ class RequestService:
         record = await self.answerable(p, request_id, SECRET)
         for _ in range(4):
             found = await self._store.find_secrets(
-                p.room, record.target, record.delegate_to, record.type, record.url
+                p.room, record.target, record.delegate_to, SecretKind.ANSWER, record.type, record.url
             )
             existing = found[0] if found else None
             key = (
@@ -302,7 +303,7 @@ class RequestService:
                 if existing
                 else SecretKey(p.room, record.target, record.delegate_to, uuid.uuid4().hex)
             )
-            secret = self._secrets.seal(key, record.type, record.url, data)
+            secret = self._secrets.seal(key, record.type, record.url, data, SecretKind.ANSWER)
             condition = WriteCondition(etag=existing.etag) if existing else ABSENT
             try:
                 won = await self.close(
@@ -310,6 +311,16 @@ class RequestService:
                 )
             except (EtagMismatch, AlreadyExists):
                 continue  # the stored secret changed under us; look again
+            except QuotaExceeded:  # the answer would pass the asked identity's quota: still pending
+                await self._audit.record(
+                    "provide_secret",
+                    room=p.room,
+                    actor=p.identity,
+                    outcome="quota_exceeded",
+                    request_id=request_id,
+                    owner=record.target,
+                )
+                raise
             if not won:
                 raise self._not_pending(await self._store.get_request(request_id))
             await self._audit.record(
@@ -365,6 +376,13 @@ class RequestService:
     # -- the inbound stream -------------------------------------------------------------------
     async def watch(self, p: Principal) -> AsyncIterator[Event | WatchReady]:
         p.require_secrets()
+        try:  # counted and subscribed with no await in between: one process's streams are exact
+            self._quotas.check_watch_streams(p.room, p.identity, self._notifier.streams(p.room, p.identity))
+        except QuotaExceeded:
+            await self._audit.record(
+                "watch_requests", room=p.room, actor=p.identity, outcome="quota_exceeded"
+            )
+            raise
         subscription = await self._notifier.subscribe(p.room, p.identity)  # first, so nothing slips by
         try:
             await self._audit.record("watch_requests", room=p.room, actor=p.identity)

@@ -48,7 +48,7 @@ def pull_info(pull: PullSecret) -> pb.PullSecretInfo:
 
 
 def service_info(stored: StoredService) -> pb.ServiceInfo:
-    manifest = stored.manifest
+    manifest, author = stored.manifest, stored.author
     return pb.ServiceInfo(
         name=manifest.name,
         kind=manifest.kind,
@@ -56,6 +56,9 @@ def service_info(stored: StoredService) -> pb.ServiceInfo:
         manifest=manifest.source,
         etag=stored.etag,
         update_time=timestamp(stored.update_time),
+        applied_by=author.identity if author else "",
+        applied_by_role=author.project_role if author else "",
+        applied_in_room=author.room_name if author else "",
     )
 
 
@@ -193,4 +196,5 @@ class ProjectSecretsServicer(pb_grpc.ProjectSecretsServicer):
             environment=resolved.environment,
             docker_config_json=resolved.docker_config_json,
             image=resolved.image,
+            allowed_environment=resolved.allowed_environment,
         )

@@ -1,9 +1,14 @@
 """Room secrets: set / get / exists / list / delete, delegation, check-and-set.
 
-Who may do what (SPEC §4): a participant reads and writes its own secrets; a secret delegated to
-another identity is readable by its owner and that delegate only; acting for another identity
-(`for_identity`) needs the room admin grant. Values are sealed here, before the store sees them,
-bound to (room, owner, delegated_to, id, type, etag) so a row moved elsewhere fails to open.
+Who may do what (SPEC §4, decided in auth/authority.py): a participant reads and writes its own
+secrets; a secret delegated to another identity is readable by its owner and that delegate only;
+acting for another identity (`for_identity`) needs the room admin grant. Values are sealed here,
+before the store sees them, bound to (room, owner, delegated_to, id, type, etag) — and, for rows of
+another kind than STORED (answers to requests, template variables), to their kind and name too —
+so a row moved elsewhere, or made to look like another kind, fails to open.
+
+Kinds (store/base.py SecretKind) never mix: SetSecret never replaces an answer or a template
+variable, an answer never replaces a stored secret, and DeleteRequestedSecret deletes answers only.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ from typing import NamedTuple
 
 from .. import validate
 from ..audit import AuditLog
+from ..auth import authority
 from ..auth.principal import Principal
 from ..crypto.checksum import crc32c
 from ..crypto.envelope import Envelope, place
 from ..crypto.keyring import KeyringFile
 from ..errors import EtagMismatch, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
-from ..store import ABSENT, ANY, SecretKey, SecretRecord, Store, WriteCondition
+from ..quotas import QuotaExceeded
+from ..store import ABSENT, ANY, SecretKey, SecretKind, SecretRecord, Store, WriteCondition
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
@@ -51,10 +58,12 @@ class SecretsService:
         self._keyring = keyring
         self._audit = audit
         self.max_value_bytes = max_value_bytes
-        self._aads: dict[tuple[SecretKey, str, str], bytes] = {}
+        self._aads: dict[tuple[SecretKey, str, str, str, str], bytes] = {}
 
     # -- sealing (also used by the request flows) ---------------------------------------------
-    def seal(self, key: SecretKey, type_: str, name: str, data: bytes) -> SecretRecord:
+    def seal(
+        self, key: SecretKey, type_: str, name: str, data: bytes, kind: str = SecretKind.STORED
+    ) -> SecretRecord:
         etag = new_etag()
         envelope = self._keyring.envelope()
         return SecretRecord(
@@ -64,9 +73,10 @@ class SecretsService:
             etag=etag,
             crc32c=crc32c(data),
             size=len(data),
-            sealed=envelope.seal(data, _aad(key, type_, etag)),
+            sealed=envelope.seal(data, _aad(key, type_, etag, kind, name)),
             update_time=time.time(),
             kek_id=envelope.active_kek_id,
+            kind=kind,
         )
 
     def open(self, record: SecretRecord) -> bytes:
@@ -74,9 +84,10 @@ class SecretsService:
         if record.kek_id not in envelope:
             # Rotated by another process (rewrap) since our last look at the keyring file.
             envelope = self._keyring.reload()
-        # The associated data is derived from the row's own (key, type, etag), never looked up by
-        # the ciphertext, so a blob moved to another row still meets that row's binding and fails.
-        where = (record.key, record.type, record.etag)
+        # The associated data is derived from the row's own (key, type, etag[, kind, name]), never
+        # looked up by the ciphertext, so a blob moved to another row still meets that row's
+        # binding and fails.
+        where = (record.key, record.type, record.etag, record.kind, record.name if record.kind else "")
         aad = self._aads.get(where)
         if aad is None:
             if len(self._aads) >= _AAD_CACHE_SIZE:
@@ -130,8 +141,10 @@ class SecretsService:
             if secret_id:
                 key = SecretKey(p.room, owner, delegated_to, secret_id)
                 existing = await self._store.get_secret(key)
+                if existing is not None:
+                    _check_replaceable(existing)
             else:
-                existing = await self._find_one(p.room, owner, delegated_to, type_, name)
+                existing = await self._find_one(p.room, owner, delegated_to, SecretKind.STORED, type_, name)
                 key = existing.key if existing else SecretKey(p.room, owner, delegated_to, uuid.uuid4().hex)
             if etag and (existing is None or existing.etag != etag):
                 await self._audit.record(
@@ -158,6 +171,17 @@ class SecretsService:
                 if etag:
                     raise
                 continue  # a concurrent write won; re-read and apply ours on top (last writer wins)
+            except QuotaExceeded:  # the store held it to a quota (quotas.py): nothing was written
+                await self._audit.record(
+                    "set_secret",
+                    room=p.room,
+                    actor=p.identity,
+                    outcome="quota_exceeded",
+                    secret_id=key.secret_id,
+                    owner=owner,
+                    delegated_to=delegated_to,
+                )
+                raise
             await self._audit.record(
                 "set_secret",
                 room=p.room,
@@ -165,6 +189,7 @@ class SecretsService:
                 secret_id=key.secret_id,
                 owner=owner,
                 delegated_to=delegated_to,
+                authority=f"{'owner' if owner == p.identity else 'room admin'}:{p.identity}",
             )
             return record
         raise EtagMismatch("secret is being changed concurrently; try again")
@@ -173,33 +198,76 @@ class SecretsService:
         self, p: Principal, *, secret_id: str, type_: str, name: str, delegated_to: str, delegated_by: str
     ) -> SecretValue:
         p.require_secrets()
-        owner, delegated_to = self.read_scope(p, delegated_to, delegated_by)
+        owner, delegated_to = authority.readable_scope(p, delegated_to, delegated_by)
         if secret_id:
             validate.secret_id(secret_id)
             record = await self._store.get_secret(SecretKey(p.room, owner, delegated_to, secret_id))
         elif name:
             validate.text(type_, "type", validate.MAX_TYPE)
             validate.text(name, "name", validate.MAX_NAME)
-            record = await self._find_one(p.room, owner, delegated_to, type_, name)
+            # A stored secret of that name, else an answer to a request of that (url, type).
+            record = await self._find_one(
+                p.room, owner, delegated_to, SecretKind.STORED, type_, name
+            ) or await self._find_one(p.room, owner, delegated_to, SecretKind.ANSWER, type_, name)
         else:
             raise InvalidArgument("secret_id", "give secret_id, or name (with type) to address the secret")
         if record is None:
             raise NotFound(f"secret {secret_id or name!r} not found")
-        if record.type.startswith(RESERVED_TYPE_PREFIX):
-            raise FailedPrecondition(
-                f"secret {record.key.secret_id!r} is kept by the server ({record.type}); "
-                "read OAuth tokens with GetOfflineOAuthToken"
-            )
+        return await self.release(p, record, "get_secret")
+
+    async def release(
+        self,
+        reader: Principal,
+        record: SecretRecord,
+        action: str,
+        *,
+        outcome: str = "ok",
+        actor: str = "",
+        on_behalf: str = "",
+    ) -> SecretValue:
+        """Open a room secret for `reader`, on its own authority (owner or delegate: anyone else is
+        refused), and audit the release naming owner, id and that authority. `actor` (default:
+        the reader) is who receives the value when it is not the reader itself — a service
+        resolving a manifest on its author's authority, named in `on_behalf`."""
+        key = record.key
+        try:
+            if key.room != reader.room:
+                raise PermissionDenied(f"secret {key.secret_id!r} is in another room")
+            how = authority.reads_as(reader, key.owner, key.delegated_to)
+            if record.type.startswith(RESERVED_TYPE_PREFIX):
+                raise FailedPrecondition(
+                    f"secret {key.secret_id!r} is kept by the server ({record.type}); "
+                    "read OAuth tokens with GetOfflineOAuthToken"
+                )
+        except (PermissionDenied, FailedPrecondition) as refused:
+            await self._audit_release(reader, record, action, actor, "denied", on_behalf)
+            raise refused
         data = self.open(record)
-        await self._audit.record(
-            "get_secret",
-            room=p.room,
-            actor=p.identity,
-            secret_id=record.key.secret_id,
-            owner=owner,
-            delegated_to=delegated_to,
-        )
+        await self._audit_release(reader, record, action, actor, outcome, on_behalf, how)
         return SecretValue(record, data)
+
+    async def _audit_release(
+        self,
+        reader: Principal,
+        record: SecretRecord,
+        action: str,
+        actor: str,
+        outcome: str,
+        on_behalf: str,
+        how: str = "",
+    ) -> None:
+        key = record.key
+        by = f"{how}:{reader.identity}" if how else reader.identity
+        await self._audit.record(
+            action,
+            room=key.room,
+            actor=actor or reader.identity,
+            outcome=outcome,
+            secret_id=key.secret_id,
+            owner=key.owner,
+            delegated_to=key.delegated_to,
+            authority=f"{by} ({on_behalf})" if on_behalf else by,
+        )
 
     async def exists(self, p: Principal, *, secret_id: str, delegated_to: str, for_identity: str) -> bool:
         p.require_secrets()
@@ -234,19 +302,40 @@ class SecretsService:
             secret_id=secret_id,
             owner=p.identity,
             delegated_to=key.delegated_to,
+            authority=f"owner:{p.identity}",
         )
 
     async def delete_requested_secret(self, p: Principal, *, url: str, type_: str, delegated_to: str) -> None:
+        """Delete answers to requests (never secrets stored with SetSecret) of this (url, type):
+        those the caller owns with delegation `delegated_to`, and, when `delegated_to` is the
+        caller, those delegated to it (forcing a new prompt)."""
         p.require_secrets()
         url = validate.text(url, "url", validate.MAX_URL, required=True)
         type_ = validate.secret_type(type_)
         delegated_to = validate.identity(delegated_to, "delegated_to")
-        count = await self._store.delete_secrets_by_name(p.room, p.identity, delegated_to, type_, url)
-        if count == 0:
+        deleted = await self._store.delete_answers(p.room, p.identity, delegated_to, type_, url)
+        if not deleted:
+            await self._audit.record(
+                "delete_requested_secret",
+                room=p.room,
+                actor=p.identity,
+                outcome="not_found",
+                delegated_to=delegated_to,
+                target=url,
+            )
             raise NotFound(f"no requested secret for url {url!r} and type {type_!r}")
-        await self._audit.record(
-            "delete_requested_secret", room=p.room, actor=p.identity, delegated_to=delegated_to, target=url
-        )
+        for key in deleted:
+            how = "owner" if key.owner == p.identity else "delegate"
+            await self._audit.record(
+                "delete_requested_secret",
+                room=p.room,
+                actor=p.identity,
+                secret_id=key.secret_id,
+                owner=key.owner,
+                delegated_to=key.delegated_to,
+                target=url,
+                authority=f"{how}:{p.identity}",
+            )
 
     async def list_secrets(
         self, p: Principal, *, page_size: int, page_token: str
@@ -266,35 +355,41 @@ class SecretsService:
         return rows, next_token
 
     # -- helpers ------------------------------------------------------------------------------
-    def _owner(self, p: Principal, for_identity: str) -> str:
-        for_identity = validate.identity(for_identity, "for_identity")
-        if for_identity and for_identity != p.identity:
-            p.require_room_admin("for_identity")
-            return for_identity
-        return p.identity
-
     @staticmethod
-    def read_scope(p: Principal, delegated_to: str, delegated_by: str) -> tuple[str, str]:
-        """(owner, delegated_to) the caller may read: its own secrets, or one delegated to it."""
-        delegated_to = validate.identity(delegated_to, "delegated_to")
-        delegated_by = validate.identity(delegated_by, "delegated_by")
-        if not delegated_by or delegated_by == p.identity:
-            return p.identity, delegated_to
-        if delegated_to and delegated_to != p.identity:
-            raise PermissionDenied("a delegated secret is readable only by its owner and its delegate")
-        return delegated_by, p.identity
+    def _owner(p: Principal, for_identity: str) -> str:
+        for_identity = validate.identity(for_identity, "for_identity")
+        authority.acts_for(p, for_identity, "for_identity")
+        return for_identity or p.identity
 
     async def _find_one(
-        self, room: str, owner: str, delegated_to: str, type_: str, name: str
+        self, room: str, owner: str, delegated_to: str, kind: str, type_: str, name: str
     ) -> SecretRecord | None:
-        found = await self._store.find_secrets(room, owner, delegated_to, type_, name)
+        found = await self._store.find_secrets(room, owner, delegated_to, kind, type_, name)
         if len(found) > 1:
             raise InvalidArgument("type", f"several secrets are named {name!r}; give their type")
         return found[0] if found else None
 
 
-def _aad(key: SecretKey, type_: str, etag: str) -> bytes:
-    return place(key.room, key.owner, key.delegated_to, key.secret_id, type_, etag)
+def _check_replaceable(existing: SecretRecord) -> None:
+    """SetSecret replaces only what SetSecret stores: not the server's own rows (OAuth token sets)
+    and not rows of another kind (answers to requests, template variables)."""
+    what = (
+        f"is kept by the server ({existing.type})"
+        if existing.type.startswith(RESERVED_TYPE_PREFIX)
+        else "is an answer to a request (delete it with DeleteRequestedSecret or DeleteSecret)"
+        if existing.kind == SecretKind.ANSWER
+        else "is a ServiceTemplate variable"
+        if existing.kind == SecretKind.TEMPLATE_VARIABLE
+        else ""
+    )
+    if what:
+        raise FailedPrecondition(f"secret {existing.key.secret_id!r} {what}; SetSecret does not replace it")
+
+
+def _aad(key: SecretKey, type_: str, etag: str, kind: str, name: str) -> bytes:
+    if not kind:  # a STORED row: the binding every row had before kinds existed
+        return place(key.room, key.owner, key.delegated_to, key.secret_id, type_, etag)
+    return place(key.room, key.owner, key.delegated_to, key.secret_id, type_, etag, kind, name)
 
 
 def _encode_page_token(position: tuple[str, str, str]) -> str:

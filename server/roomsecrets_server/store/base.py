@@ -3,11 +3,19 @@
 A backend keeps rows and enforces the few invariants that must hold atomically: primary keys,
 the unique (type, name) per owner and delegation, etag check-and-set, and the pending -> closed
 transition of a request (exactly one answer wins). It never sees plaintext: `sealed` is opaque.
+
+It also keeps usage counters — secret rows and value bytes per (room, owner) and per room — in
+the transaction of every write that changes them (triggers on the secrets table, so every writer,
+any process or version, keeps them right), and holds them, and the pending requests per identity,
+to the caps it is opened with (`UsageCaps`): a write that would take one past its cap fails with
+the cap's refusal and writes nothing. What the caps are, and how a refusal reads, is policy
+(quotas.py). Project records (room "") are not counted.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
@@ -29,6 +37,16 @@ class SecretKey(NamedTuple):
     secret_id: str
 
 
+class SecretKind(enum.StrEnum):
+    """Where a secret row came from. Kinds never share a (type, name): an answer to a request
+    never replaces a secret its owner stored, and a template never replaces a secret it did not
+    create. Bound into the sealed value's associated data (a row cannot change kind)."""
+
+    STORED = ""  # SetSecret, and the server's own records (connectors, tokens, project records)
+    ANSWER = "answer"  # ProvideSecret: an answer to a secret request, keyed by (url, type)
+    TEMPLATE_VARIABLE = "template"  # an `obscure` ServiceTemplate variable, owned by the service
+
+
 class SecretRecord(NamedTuple):
     key: SecretKey
     type: str
@@ -40,6 +58,7 @@ class SecretRecord(NamedTuple):
     update_time: float
     # Which key-encryption key wraps `sealed` (lets rewrap find old rows without opening them).
     kek_id: str
+    kind: str = SecretKind.STORED
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,9 +93,48 @@ ANY = WriteCondition()
 ABSENT = WriteCondition(absent=True)
 
 
+class Usage(NamedTuple):
+    secrets: int
+    bytes: int
+
+
+def _no_refusal(cap: str, room: str, identity: str) -> Exception:
+    return RuntimeError(f"usage cap {cap} reached ({room!r}, {identity!r})")
+
+
+@dataclass(frozen=True, slots=True)
+class UsageCaps:
+    """Caps the store holds its counters to, in the transaction of the write that would pass one
+    (0: none). Secrets and bytes count rows (and their `size`) in participant rooms, per owner and
+    per room; a write is refused only for a counter it grows. Pending requests count those not
+    past their deadline, per (room, requester) and per (room, target). A refused write fails with
+    `refusal(cap, room, identity)` — cap: the field's name; identity: the owner, requester or
+    target whose counter it is (for a room's cap, the owner of the row written) — and writes
+    nothing."""
+
+    owner_secrets: int = 0
+    owner_bytes: int = 0
+    room_secrets: int = 0
+    room_bytes: int = 0
+    pending_asked: int = 0
+    pending_addressed: int = 0
+    refusal: Callable[[str, str, str], Exception] = _no_refusal
+
+    @property
+    def secrets_capped(self) -> bool:
+        return any((self.owner_secrets, self.owner_bytes, self.room_secrets, self.room_bytes))
+
+
+NO_CAPS = UsageCaps()
+# How a store's refusal of a capped secrets write names the cap (SQLite RAISE, PostgreSQL RAISE).
+CAP_REACHED = "roomsecrets usage cap reached: "
+
+
 class Store(Protocol):
-    async def open(self) -> None:
-        """Connect and create or migrate the schema; OSError if the backend cannot be reached."""
+    async def open(self, caps: UsageCaps = NO_CAPS) -> None:
+        """Connect and create or migrate the schema (bringing the usage counters of an older
+        database up to date); from then on hold writes to `caps`. OSError if the backend cannot
+        be reached."""
         ...
 
     # -- secrets ------------------------------------------------------------------------------
@@ -85,10 +143,10 @@ class Store(Protocol):
         ...
 
     async def find_secrets(
-        self, room: str, owner: str, delegated_to: str, type_: str, name: str
+        self, room: str, owner: str, delegated_to: str, kind: str, type_: str, name: str
     ) -> list[SecretRecord]:
-        """Lookup by (type, name) within one owner and delegation; `type_` "" matches any type.
-        Returns at most two (enough to tell a unique match from an ambiguous one)."""
+        """Lookup by (type, name) among one owner's secrets of one kind and delegation; `type_` ""
+        matches any type. Returns at most two (enough to tell a unique match from an ambiguous one)."""
         ...
 
     async def list_secrets(
@@ -105,23 +163,33 @@ class Store(Protocol):
         ...
 
     async def put_secret(self, record: SecretRecord, condition: WriteCondition) -> None:
-        """Insert or replace. Raises EtagMismatch if `condition` fails and AlreadyExists if
-        another secret of this owner and delegation has the same (type, name)."""
+        """Insert or replace. Raises EtagMismatch if `condition` fails, AlreadyExists if another
+        secret of this owner, delegation and kind has the same (type, name), and the refusal of
+        the cap it would pass (UsageCaps). A replacement no larger than the row it replaces
+        costs the counters nothing."""
         ...
 
     async def delete_secret(self, key: SecretKey, condition: WriteCondition) -> bool:
         """False if absent; raises EtagMismatch if `condition.etag` is stale."""
         ...
 
-    async def delete_secrets_by_name(
-        self, room: str, owners_or_delegate: str, delegated_to: str, type_: str, name: str
-    ) -> int:
-        """Delete secrets with this (type, name, delegated_to) owned by `owners_or_delegate`, or,
-        when `delegated_to` equals it, delegated to it by anyone. Returns how many."""
+    async def delete_answers(
+        self, room: str, identity: str, delegated_to: str, type_: str, name: str
+    ) -> list[SecretKey]:
+        """Delete answers to requests (kind ANSWER, never other kinds) with this (type, name)
+        that `identity` owns with delegation `delegated_to`, and, when `delegated_to` is
+        `identity`, those delegated to it by anyone. Returns the keys deleted."""
+        ...
+
+    async def usage(self, room: str, owner: str | None = None) -> Usage:
+        """The counters of `owner`'s secrets in `room`, or with owner None the room's."""
         ...
 
     # -- requests -----------------------------------------------------------------------------
-    async def create_request(self, record: RequestRecord) -> None: ...
+    async def create_request(self, record: RequestRecord) -> None:
+        """Store a pending request; refused (UsageCaps pending_asked / pending_addressed) if its
+        requester or its target has as many pending in the room as the cap allows."""
+        ...
 
     async def get_request(self, request_id: str) -> RequestRecord | None: ...
 
@@ -140,8 +208,9 @@ class Store(Protocol):
         secret: SecretRecord | None = None,
         secret_condition: WriteCondition = ANY,
     ) -> bool:
-        """Move a pending request to `state`; with `secret`, store it in the same transaction.
-        False (and nothing written) if the request is no longer pending."""
+        """Move a pending request to `state`; with `secret`, store it in the same transaction
+        (held to the caps as put_secret is). False (and nothing written) if the request is no
+        longer pending."""
         ...
 
     async def expire_due(self, now: float) -> list[RequestRecord]:

@@ -10,6 +10,15 @@ sees plaintext.
 The schema is created and migrated on start by numbered migrations, applied under a
 transaction-scoped advisory lock so replicas starting together apply each exactly once.
 
+Usage counters (secret_usage, room_usage) are kept by row triggers in the statement that writes,
+the room's row locked before the owner's (every counted write in a room takes them in that
+order, so they cannot deadlock). Each pooled connection carries this replica's caps (UsageCaps)
+as settings (`roomsecrets.cap_*`), which the trigger compares with the counters it just updated,
+under their row locks: concurrent writers, on any replica, queue on those rows, so a cap is never
+overshot; a connection without them (another tool, an older replica) is not capped. A
+replacement of the same size does not fire the triggers (WHEN). Pending requests are counted in
+the transaction that stores one, under an advisory lock per room.
+
 A lost connection (database restarting, network gone) surfaces as Unavailable; the pool drops
 broken connections and reconnects on its own. Reads are retried once on a fresh connection (a
 pooled connection can be dead after a database restart); writes are not, since a write whose
@@ -32,10 +41,14 @@ from psycopg import errors as pg_errors
 from ..errors import AlreadyExists, EtagMismatch, Unavailable
 from .base import (
     ANY,
+    CAP_REACHED,
+    NO_CAPS,
     RequestRecord,
     RequestState,
     SecretKey,
     SecretRecord,
+    Usage,
+    UsageCaps,
     WriteCondition,
     listing_queries,
     merge_listing,
@@ -125,12 +138,106 @@ MIGRATIONS: tuple[str, ...] = (
       ON secrets (room, owner, delegated_to, name, type) WHERE name <> '';
     DROP INDEX secrets_by_name;
     """,
+    # 5: where a row came from (store/base.py SecretKind); (type, name) is unique per kind, so an
+    # answer to a request never clashes with or replaces a secret stored with SetSecret
+    """
+    ALTER TABLE secrets ADD COLUMN kind TEXT COLLATE "C" NOT NULL DEFAULT '';
+    CREATE UNIQUE INDEX secrets_by_kind_name_type
+      ON secrets (room, owner, delegated_to, kind, name, type) WHERE name <> '';
+    DROP INDEX secrets_by_name_type;
+    """,
+    # 6: usage counters and caps (see the module docstring). The triggers are created before the
+    # counters are filled from the rows already there: CREATE TRIGGER locks out writers (of any
+    # replica) until this transaction commits, so no row is missed or counted twice.
+    """
+    CREATE TABLE secret_usage (
+      room TEXT COLLATE "C" NOT NULL,
+      owner TEXT COLLATE "C" NOT NULL,
+      secrets BIGINT NOT NULL,
+      bytes BIGINT NOT NULL,
+      PRIMARY KEY (room, owner)
+    );
+    CREATE TABLE room_usage (
+      room TEXT COLLATE "C" PRIMARY KEY,
+      secrets BIGINT NOT NULL,
+      bytes BIGINT NOT NULL
+    );
+    CREATE FUNCTION roomsecrets_cap(name TEXT) RETURNS BIGINT LANGUAGE sql STABLE AS $$
+      SELECT coalesce(nullif(current_setting('roomsecrets.cap_' || name, true), ''), '0')::BIGINT
+    $$;
+    CREATE FUNCTION roomsecrets_count(r TEXT, o TEXT, n BIGINT, b BIGINT) RETURNS void
+    LANGUAGE plpgsql AS $$
+    DECLARE
+      room_secrets BIGINT; room_bytes BIGINT; owner_secrets BIGINT; owner_bytes BIGINT;
+      cap TEXT;
+    BEGIN
+      IF r = '' THEN
+        RETURN;  -- project records are not counted
+      END IF;
+      INSERT INTO room_usage AS u (room, secrets, bytes) VALUES (r, n, b)
+        ON CONFLICT (room) DO UPDATE SET secrets = u.secrets + n, bytes = u.bytes + b
+        RETURNING u.secrets, u.bytes INTO room_secrets, room_bytes;
+      INSERT INTO secret_usage AS u (room, owner, secrets, bytes) VALUES (r, o, n, b)
+        ON CONFLICT (room, owner) DO UPDATE SET secrets = u.secrets + n, bytes = u.bytes + b
+        RETURNING u.secrets, u.bytes INTO owner_secrets, owner_bytes;
+      cap := CASE
+        WHEN n > 0 AND owner_secrets > nullif(roomsecrets_cap('owner_secrets'), 0) THEN 'owner_secrets'
+        WHEN b > 0 AND owner_bytes > nullif(roomsecrets_cap('owner_bytes'), 0) THEN 'owner_bytes'
+        WHEN n > 0 AND room_secrets > nullif(roomsecrets_cap('room_secrets'), 0) THEN 'room_secrets'
+        WHEN b > 0 AND room_bytes > nullif(roomsecrets_cap('room_bytes'), 0) THEN 'room_bytes'
+      END;
+      IF cap IS NOT NULL THEN
+        RAISE EXCEPTION 'roomsecrets usage cap reached: %', cap;
+      END IF;
+    END
+    $$;
+    CREATE FUNCTION roomsecrets_secrets_usage() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+      IF TG_OP = 'INSERT' THEN
+        PERFORM roomsecrets_count(NEW.room, NEW.owner, 1, NEW.size);
+      ELSIF TG_OP = 'DELETE' THEN
+        PERFORM roomsecrets_count(OLD.room, OLD.owner, -1, -OLD.size);
+      ELSIF NEW.room = OLD.room AND NEW.owner = OLD.owner THEN
+        PERFORM roomsecrets_count(NEW.room, NEW.owner, 0, NEW.size - OLD.size);
+      ELSE  -- never done by the server, but counted right
+        PERFORM roomsecrets_count(OLD.room, OLD.owner, -1, -OLD.size);
+        PERFORM roomsecrets_count(NEW.room, NEW.owner, 1, NEW.size);
+      END IF;
+      RETURN NULL;
+    END
+    $$;
+    CREATE TRIGGER secrets_usage_insert AFTER INSERT ON secrets
+      FOR EACH ROW WHEN (NEW.room <> '') EXECUTE FUNCTION roomsecrets_secrets_usage();
+    CREATE TRIGGER secrets_usage_delete AFTER DELETE ON secrets
+      FOR EACH ROW WHEN (OLD.room <> '') EXECUTE FUNCTION roomsecrets_secrets_usage();
+    CREATE TRIGGER secrets_usage_update AFTER UPDATE OF room, owner, size ON secrets
+      FOR EACH ROW WHEN ((NEW.room <> '' OR OLD.room <> '')
+        AND (NEW.size <> OLD.size OR NEW.room <> OLD.room OR NEW.owner <> OLD.owner))
+      EXECUTE FUNCTION roomsecrets_secrets_usage();
+    INSERT INTO room_usage (room, secrets, bytes)
+      SELECT room, count(*), sum(size) FROM secrets WHERE room <> '' GROUP BY room;
+    INSERT INTO secret_usage (room, owner, secrets, bytes)
+      SELECT room, owner, count(*), sum(size) FROM secrets WHERE room <> '' GROUP BY room, owner;
+    CREATE INDEX requests_pending_by_requester ON requests (room, requested_by) WHERE state = 'pending';
+    """,
 )
 # Any constant: the key of the advisory lock that serialises migrations between replicas.
 _MIGRATION_LOCK = 0x726F6F6D73656372  # "roomsecr"
+# The first half of the (two-key) advisory lock that serialises storing requests in one room,
+# the second being the room's hash: the pending requests counted are those there are.
+_PENDING_LOCK = 0x726F6F6D  # "room"
+_SECRET_CAPS = ("owner_secrets", "owner_bytes", "room_secrets", "room_bytes")
+# Pending requests a requester asked, and a target is asked, in a room (each up to its cap: the
+# partial indexes requests_pending_by_requester / _by_target find them).
+_COUNT_PENDING = (
+    "SELECT (SELECT count(*) FROM (SELECT 1 FROM requests WHERE room=%(room)s AND requested_by=%(requester)s "
+    "AND state='pending' AND deadline > %(now)s LIMIT %(asked)s) AS a), "
+    "(SELECT count(*) FROM (SELECT 1 FROM requests WHERE room=%(room)s AND target=%(target)s "
+    "AND state='pending' AND deadline > %(now)s LIMIT %(addressed)s) AS b)"
+)
 
 _VALUE_COLUMNS = (
-    "room, owner, delegated_to, secret_id, type, name, etag, crc32c, size, sealed, update_time, kek_id"
+    "room, owner, delegated_to, secret_id, type, name, etag, crc32c, size, sealed, update_time, kek_id, kind"
 )
 _LISTED_COLUMNS = _VALUE_COLUMNS.replace("sealed", "''::bytea AS sealed")  # listings never read values
 _REQUEST_COLUMNS = (
@@ -139,15 +246,16 @@ _REQUEST_COLUMNS = (
 )
 _KEY = "room=%s AND owner=%s AND delegated_to=%s AND secret_id=%s"
 _GET_SECRET = f"SELECT {_VALUE_COLUMNS} FROM secrets WHERE {_KEY}"
-_INSERT_SECRET = f"INSERT INTO secrets ({_VALUE_COLUMNS}) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+_INSERT_SECRET = f"INSERT INTO secrets ({_VALUE_COLUMNS}) VALUES ({', '.join(['%s'] * 13)})"
 _UPSERT_SECRET = (
     f"{_INSERT_SECRET} ON CONFLICT (room, owner, delegated_to, secret_id) DO UPDATE SET "
     "type=excluded.type, name=excluded.name, etag=excluded.etag, crc32c=excluded.crc32c, "
-    "size=excluded.size, sealed=excluded.sealed, update_time=excluded.update_time, kek_id=excluded.kek_id"
+    "size=excluded.size, sealed=excluded.sealed, update_time=excluded.update_time, kek_id=excluded.kek_id, "
+    "kind=excluded.kind"
 )
 _UPDATE_SECRET_IF_ETAG = (
     "UPDATE secrets SET type=%s, name=%s, etag=%s, crc32c=%s, size=%s, sealed=%s, update_time=%s, "
-    f"kek_id=%s WHERE {_KEY} AND etag=%s"
+    f"kek_id=%s, kind=%s WHERE {_KEY} AND etag=%s"
 )
 
 # How long a call waits for a pooled connection before failing with Unavailable: longer while the
@@ -163,8 +271,11 @@ def _values(record: SecretRecord) -> tuple[Any, ...]:
     return (*record.key, *record[1:])  # column order: key, then the rest (sealed before update_time)
 
 
-async def _put(conn: psycopg.AsyncConnection[Any], record: SecretRecord, condition: WriteCondition) -> None:
-    """Each condition is one statement, so check and write are atomic without a table lock."""
+async def _put(
+    conn: psycopg.AsyncConnection[Any], record: SecretRecord, condition: WriteCondition, caps: UsageCaps
+) -> None:
+    """Each condition is one statement, so check and write are atomic without a table lock. The
+    usage triggers raise if it would pass a cap (the caller's transaction then writes nothing)."""
     k = record.key
     try:
         if condition.etag is not None:
@@ -179,6 +290,7 @@ async def _put(conn: psycopg.AsyncConnection[Any], record: SecretRecord, conditi
                     record.sealed,
                     record.update_time,
                     record.kek_id,
+                    record.kind,
                     *k,
                     condition.etag,
                 ),
@@ -195,6 +307,11 @@ async def _put(conn: psycopg.AsyncConnection[Any], record: SecretRecord, conditi
         raise AlreadyExists(
             f"another secret already has type {record.type!r} and name {record.name!r}"
         ) from None
+    except pg_errors.RaiseException as exc:
+        cap = (exc.diag.message_primary or "").removeprefix(CAP_REACHED)
+        if cap not in _SECRET_CAPS:
+            raise
+        raise caps.refusal(cap, k.room, k.owner) from None
 
 
 async def _raise_etag_mismatch(conn: psycopg.AsyncConnection[Any], key: SecretKey) -> None:
@@ -241,12 +358,22 @@ class PostgresStore:
             timeout=BUSY_WAIT,
             reconnect_timeout=float("inf"),  # keep trying while the database is away
             name="roomsecrets",
+            configure=self._configure,
         )
         self._checking: asyncio.Task[None] | None = None
         self._wait = BUSY_WAIT
+        self._caps = NO_CAPS
 
-    async def open(self) -> None:
+    async def _configure(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Every pooled connection carries the caps, which the usage triggers read."""
+        await conn.execute(
+            "SELECT " + ", ".join(f"set_config('roomsecrets.cap_{cap}', %s, false)" for cap in _SECRET_CAPS),
+            tuple(str(getattr(self._caps, cap)) for cap in _SECRET_CAPS),
+        )
+
+    async def open(self, caps: UsageCaps = NO_CAPS) -> None:
         """Connect and migrate; fails (OSError) if the database cannot be reached."""
+        self._caps = caps  # before the pool connects: _configure reads it
         try:
             async with await psycopg.AsyncConnection.connect(self.url, autocommit=True) as conn:
                 await migrate(conn)
@@ -326,15 +453,15 @@ class PostgresStore:
         return _secret(row) if row else None
 
     async def find_secrets(
-        self, room: str, owner: str, delegated_to: str, type_: str, name: str
+        self, room: str, owner: str, delegated_to: str, kind: str, type_: str, name: str
     ) -> list[SecretRecord]:
         # Two statements, not `(type=%s OR %s='')`, which no index can serve.
-        where = "room=%s AND owner=%s AND delegated_to=%s AND name=%s AND name <> ''"
+        where = "room=%s AND owner=%s AND delegated_to=%s AND kind=%s AND name=%s AND name <> ''"
         args: tuple[str, ...]
         if type_:
-            sql, args = f"{where} AND type=%s", (room, owner, delegated_to, name, type_)
+            sql, args = f"{where} AND type=%s", (room, owner, delegated_to, kind, name, type_)
         else:
-            sql, args = f"{where} ORDER BY type LIMIT 2", (room, owner, delegated_to, name)
+            sql, args = f"{where} ORDER BY type LIMIT 2", (room, owner, delegated_to, kind, name)
         return [
             _secret(r) for r in await self._all(f"SELECT {_VALUE_COLUMNS} FROM secrets WHERE {sql}", args)
         ]
@@ -357,7 +484,7 @@ class PostgresStore:
 
     async def put_secret(self, record: SecretRecord, condition: WriteCondition) -> None:
         async with self._write() as conn:
-            await _put(conn, record, condition)
+            await _put(conn, record, condition, self._caps)
 
     async def delete_secret(self, key: SecretKey, condition: WriteCondition) -> bool:
         async with self._write() as conn:
@@ -369,30 +496,62 @@ class PostgresStore:
                 await _raise_etag_mismatch(conn, key)
             return True
 
-    async def delete_secrets_by_name(
-        self, room: str, owners_or_delegate: str, delegated_to: str, type_: str, name: str
-    ) -> int:
-        async with self._write() as conn:
-            # Owned (secrets_by_name_type), then, if it is the delegation asked for, delegated to
-            # the caller (secrets_by_delegate): an OR of the two would scan the whole room.
+    async def delete_answers(
+        self, room: str, identity: str, delegated_to: str, type_: str, name: str
+    ) -> list[SecretKey]:
+        deleted = "RETURNING room, owner, delegated_to, secret_id"
+        async with self._write() as conn:  # one transaction
+            # Owned (secrets_by_kind_name_type), then, if it is the delegation asked for, delegated
+            # to the caller (secrets_by_delegate): an OR of the two would scan the whole room.
             cur = await conn.execute(
-                "DELETE FROM secrets WHERE room=%s AND owner=%s AND delegated_to=%s AND name=%s AND type=%s",
-                (room, owners_or_delegate, delegated_to, name, type_),
+                "DELETE FROM secrets WHERE room=%s AND owner=%s AND delegated_to=%s AND kind='answer' "
+                f"AND name=%s AND type=%s {deleted}",
+                (room, identity, delegated_to, name, type_),
             )
-            count = cur.rowcount
-            if delegated_to == owners_or_delegate:
+            rows = await cur.fetchall()
+            if delegated_to == identity:
                 cur = await conn.execute(
                     "DELETE FROM secrets WHERE room=%s AND delegated_to=%s AND delegated_to <> '' "
-                    "AND name=%s AND type=%s",
+                    f"AND kind='answer' AND name=%s AND type=%s {deleted}",
                     (room, delegated_to, name, type_),
                 )
-                count += cur.rowcount
-            return count
+                rows += await cur.fetchall()
+            return sorted({SecretKey(*row) for row in rows})
+
+    async def usage(self, room: str, owner: str | None = None) -> Usage:
+        if owner is None:
+            row = await self._one("SELECT secrets, bytes FROM room_usage WHERE room=%s", (room,))
+        else:
+            row = await self._one(
+                "SELECT secrets, bytes FROM secret_usage WHERE room=%s AND owner=%s", (room, owner)
+            )
+        return Usage(int(row[0]), int(row[1])) if row else Usage(0, 0)
 
     # -- requests -----------------------------------------------------------------------------
     async def create_request(self, record: RequestRecord) -> None:
         r = record
+        caps = self._caps
         async with self._write() as conn:
+            if caps.pending_asked or caps.pending_addressed:
+                # Held until commit, on every replica: no request of this room is stored between
+                # the count and the insert.
+                await conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_PENDING_LOCK, r.room))
+                cur = await conn.execute(
+                    _COUNT_PENDING,
+                    {
+                        "room": r.room,
+                        "requester": r.requested_by,
+                        "target": r.target,
+                        "now": r.created,
+                        "asked": caps.pending_asked,
+                        "addressed": caps.pending_addressed,
+                    },
+                )
+                asked, addressed = await cur.fetchone() or (0, 0)
+                if caps.pending_asked and asked >= caps.pending_asked:
+                    raise caps.refusal("pending_asked", r.room, r.requested_by)
+                if caps.pending_addressed and addressed >= caps.pending_addressed:
+                    raise caps.refusal("pending_addressed", r.room, r.target)
             await conn.execute(
                 f"INSERT INTO requests ({_REQUEST_COLUMNS}) "
                 "VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
@@ -455,7 +614,8 @@ class PostgresStore:
             if cur.rowcount != 1:
                 return False
             if secret is not None:
-                await _put(conn, secret, secret_condition)  # raising rolls back the transition too
+                # Raising (a clash, a cap) rolls back the transition too.
+                await _put(conn, secret, secret_condition, self._caps)
             return True
 
     async def expire_due(self, now: float) -> list[RequestRecord]:

@@ -13,6 +13,13 @@ Records read by key are cached (ciphertext only) and the cache is checked agains
 header on every read, so any commit by another connection or process empties it. The writer's
 own commits update it instead, when the header proves that no other commit came in between (see
 `_RecordCache`): a SetSecret then finds the row it replaces without a statement.
+
+Usage counters (secret_usage, room_usage) are kept by triggers on the secrets table, so every
+connection's writes keep them, in the statement that writes. The caps (store/base.py UsageCaps)
+are TEMP triggers on the writer connection only: BEFORE a row is added or grown they compare the
+counters plus the change with the cap and RAISE(ABORT), which undoes that one statement and
+nothing else in the batch. The writer serialises every write, so a cap is never overshot. A
+replacement of the same or a smaller size only evaluates the triggers' WHEN clauses.
 """
 
 from __future__ import annotations
@@ -34,10 +41,14 @@ from ..batching import GroupWindow
 from ..errors import AlreadyExists, EtagMismatch, Unavailable
 from .base import (
     ANY,
+    CAP_REACHED,
+    NO_CAPS,
     RequestRecord,
     RequestState,
     SecretKey,
     SecretRecord,
+    Usage,
+    UsageCaps,
     WriteCondition,
     listing_queries,
     merge_listing,
@@ -61,13 +72,9 @@ CREATE TABLE IF NOT EXISTS secrets (
   kek_id TEXT NOT NULL,
   sealed BLOB NOT NULL,
   update_time REAL NOT NULL,
+  kind TEXT NOT NULL DEFAULT '',
   PRIMARY KEY (room, owner, delegated_to, secret_id)
 ) WITHOUT ROWID;
--- (name, type) rather than (type, name): the same uniqueness, and a lookup by name alone (no
--- type given) is then an index range too. Created before the old order is dropped.
-CREATE UNIQUE INDEX IF NOT EXISTS secrets_by_name_type
-  ON secrets (room, owner, delegated_to, name, type) WHERE name != '';
-DROP INDEX IF EXISTS secrets_by_name;
 CREATE INDEX IF NOT EXISTS secrets_by_delegate
   ON secrets (room, delegated_to, owner, secret_id) WHERE delegated_to != '';
 CREATE INDEX IF NOT EXISTS secrets_by_kek ON secrets (kek_id);
@@ -92,6 +99,8 @@ CREATE INDEX IF NOT EXISTS requests_pending_by_target
   ON requests (room, target) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS requests_pending_by_deadline
   ON requests (deadline) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS requests_pending_by_requester
+  ON requests (room, requested_by) WHERE state = 'pending';
 
 CREATE TABLE IF NOT EXISTS leases (
   name TEXT PRIMARY KEY,
@@ -104,24 +113,162 @@ CREATE TABLE IF NOT EXISTS kek_wraps (
   wraps INTEGER NOT NULL
 ) WITHOUT ROWID;
 """
+# Run after the tables exist and have every column (see _migrate). (name, type) rather than
+# (type, name): the same uniqueness, and a lookup by name alone (no type given) is an index range
+# too. Unique per kind: an answer to a request never clashes with (or replaces) a stored secret.
+# Each index is created before the one it replaces is dropped.
+INDEXES = """
+CREATE UNIQUE INDEX IF NOT EXISTS secrets_by_kind_name_type
+  ON secrets (room, owner, delegated_to, kind, name, type) WHERE name != '';
+DROP INDEX IF EXISTS secrets_by_name;
+DROP INDEX IF EXISTS secrets_by_name_type;
+"""
+# Columns added after a database was first created: (table, column, definition).
+ADDED_COLUMNS = (("secrets", "kind", "TEXT NOT NULL DEFAULT ''"),)
+
+
+# Secret rows and value bytes per (room, owner) and per room, kept by the triggers below in the
+# statement that changes them. Project records (room "") are not counted. Created, and filled from
+# the rows already there, in one transaction (see _add_usage_counters).
+USAGE_COUNTERS = (
+    """CREATE TABLE secret_usage (
+  room TEXT NOT NULL,
+  owner TEXT NOT NULL,
+  secrets INTEGER NOT NULL,
+  bytes INTEGER NOT NULL,
+  PRIMARY KEY (room, owner)
+) WITHOUT ROWID""",
+    """CREATE TABLE room_usage (
+  room TEXT PRIMARY KEY,
+  secrets INTEGER NOT NULL,
+  bytes INTEGER NOT NULL
+) WITHOUT ROWID""",
+    """CREATE TRIGGER secrets_usage_insert AFTER INSERT ON secrets WHEN NEW.room != '' BEGIN
+  INSERT INTO secret_usage (room, owner, secrets, bytes) VALUES (NEW.room, NEW.owner, 1, NEW.size)
+    ON CONFLICT (room, owner) DO UPDATE SET secrets = secrets + 1, bytes = bytes + excluded.bytes;
+  INSERT INTO room_usage (room, secrets, bytes) VALUES (NEW.room, 1, NEW.size)
+    ON CONFLICT (room) DO UPDATE SET secrets = secrets + 1, bytes = bytes + excluded.bytes;
+END""",
+    """CREATE TRIGGER secrets_usage_delete AFTER DELETE ON secrets WHEN OLD.room != '' BEGIN
+  UPDATE secret_usage SET secrets = secrets - 1, bytes = bytes - OLD.size
+    WHERE room = OLD.room AND owner = OLD.owner;
+  UPDATE room_usage SET secrets = secrets - 1, bytes = bytes - OLD.size WHERE room = OLD.room;
+END""",
+    # Our statements never move a row to another (room, owner), but a counter must not depend on that.
+    """CREATE TRIGGER secrets_usage_update AFTER UPDATE OF room, owner, size ON secrets
+WHEN NEW.size != OLD.size OR NEW.room != OLD.room OR NEW.owner != OLD.owner BEGIN
+  UPDATE secret_usage SET secrets = secrets - 1, bytes = bytes - OLD.size
+    WHERE OLD.room != '' AND room = OLD.room AND owner = OLD.owner;
+  UPDATE room_usage SET secrets = secrets - 1, bytes = bytes - OLD.size
+    WHERE OLD.room != '' AND room = OLD.room;
+  INSERT INTO secret_usage (room, owner, secrets, bytes)
+    SELECT NEW.room, NEW.owner, 1, NEW.size WHERE NEW.room != ''
+    ON CONFLICT (room, owner) DO UPDATE SET secrets = secrets + 1, bytes = bytes + excluded.bytes;
+  INSERT INTO room_usage (room, secrets, bytes) SELECT NEW.room, 1, NEW.size WHERE NEW.room != ''
+    ON CONFLICT (room) DO UPDATE SET secrets = secrets + 1, bytes = bytes + excluded.bytes;
+END""",
+    """INSERT INTO secret_usage (room, owner, secrets, bytes)
+  SELECT room, owner, count(*), sum(size) FROM secrets WHERE room != '' GROUP BY room, owner""",
+    """INSERT INTO room_usage (room, secrets, bytes)
+  SELECT room, count(*), sum(size) FROM secrets WHERE room != '' GROUP BY room""",
+)
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Create the schema, or bring an older database's up to date (idempotent)."""
+    conn.executescript(SCHEMA)
+    for table, column, definition in ADDED_COLUMNS:
+        if column not in {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+    conn.executescript(INDEXES)
+    _add_usage_counters(conn)
+
+
+def _add_usage_counters(conn: sqlite3.Connection) -> None:
+    """A database created before usage counters gets them, counted from its rows, at its first
+    open: under the write lock, so no row is written between the count and the triggers."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if not conn.execute("SELECT 1 FROM sqlite_master WHERE name='secret_usage'").fetchone():
+            for statement in USAGE_COUNTERS:
+                conn.execute(statement)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _cap_triggers(caps: UsageCaps) -> list[str]:
+    """TEMP triggers (on the connection that creates them) refusing a row added to, or grown in,
+    a participant room past `caps`. BEFORE the write, so they read the counters as they are and
+    add the change; an upsert that replaces an existing row is not an added one."""
+    owned = "(SELECT {} FROM main.secret_usage WHERE room = NEW.room AND owner = NEW.owner)"
+    roomwide = "(SELECT {} FROM main.room_usage WHERE room = NEW.room)"
+
+    def refuse(cap: str, counter: str, change: str) -> str:
+        limit = int(getattr(caps, cap))
+        return f"SELECT RAISE(ABORT, '{CAP_REACHED}{cap}') WHERE coalesce({counter}, 0) + {change} > {limit};"
+
+    added, grown = [], []
+    for cap, counter in (
+        ("owner_secrets", owned.format("secrets")),
+        ("owner_bytes", owned.format("bytes")),
+        ("room_secrets", roomwide.format("secrets")),
+        ("room_bytes", roomwide.format("bytes")),
+    ):
+        if not getattr(caps, cap):
+            continue
+        if cap.endswith("_secrets"):
+            added.append(refuse(cap, counter, "1"))
+        else:
+            added.append(refuse(cap, counter, "NEW.size"))
+            grown.append(refuse(cap, counter, "NEW.size - OLD.size"))
+    triggers = []
+    if added:
+        triggers.append(
+            "CREATE TEMP TRIGGER secrets_cap_added BEFORE INSERT ON main.secrets "
+            "WHEN NEW.room != '' AND NOT EXISTS (SELECT 1 FROM main.secrets WHERE room = NEW.room "
+            "AND owner = NEW.owner AND delegated_to = NEW.delegated_to AND secret_id = NEW.secret_id) "
+            f"BEGIN {' '.join(added)} END"
+        )
+    if grown:
+        triggers.append(
+            "CREATE TEMP TRIGGER secrets_cap_grown BEFORE UPDATE OF size ON main.secrets "
+            f"WHEN NEW.room != '' AND NEW.size > OLD.size BEGIN {' '.join(grown)} END"
+        )
+    return triggers
+
+
+def _refusal(error: sqlite3.IntegrityError, record: SecretRecord, caps: UsageCaps) -> Exception | None:
+    """The cap's refusal, if a cap trigger raised `error`."""
+    message = str(error)
+    if not message.startswith(CAP_REACHED):
+        return None
+    return caps.refusal(message.removeprefix(CAP_REACHED), record.key.room, record.key.owner)
+
 
 _VALUE_COLUMNS = (
-    "room, owner, delegated_to, secret_id, type, name, etag, crc32c, size, sealed, update_time, kek_id"
+    "room, owner, delegated_to, secret_id, type, name, etag, crc32c, size, sealed, update_time, kek_id, kind"
 )
 _LISTED_COLUMNS = _VALUE_COLUMNS.replace("sealed", "x'' AS sealed")  # listings never read values
 # Index searches all (tests/test_sqlite_store.py checks their plans): `(type=? OR ?='')` or
 # `owner=? OR delegated_to=?` would make them scan, so each case is its own statement.
 _BY_NAME = (
     f"SELECT {_VALUE_COLUMNS} FROM secrets "
-    "WHERE room=? AND owner=? AND delegated_to=? AND name=? AND name != ''"
+    "WHERE room=? AND owner=? AND delegated_to=? AND kind=? AND name=? AND name != ''"
 )
 FIND_BY_NAME_AND_TYPE = f"{_BY_NAME} AND type=?"
 FIND_BY_NAME = f"{_BY_NAME} ORDER BY type LIMIT 2"
-DELETE_OWNED_BY_NAME = "DELETE FROM secrets WHERE room=? AND owner=? AND delegated_to=? AND name=? AND type=?"
+_DELETED = "RETURNING room, owner, delegated_to, secret_id"
+DELETE_OWNED_ANSWERS = (
+    "DELETE FROM secrets WHERE room=? AND owner=? AND delegated_to=? AND kind='answer' AND name=? "
+    f"AND type=? {_DELETED}"
+)
 # Without statistics the planner prefers the primary key's `room=?` range here: the whole room.
-DELETE_DELEGATED_BY_NAME = (
+DELETE_DELEGATED_ANSWERS = (
     "DELETE FROM secrets INDEXED BY secrets_by_delegate "
-    "WHERE room=? AND delegated_to=? AND delegated_to != '' AND name=? AND type=?"
+    "WHERE room=? AND delegated_to=? AND delegated_to != '' AND kind='answer' AND name=? AND type=? "
+    f"{_DELETED}"
 )
 NEXT_KEK_SAMPLE = "SELECT kek_id, sealed FROM secrets WHERE kek_id > ? ORDER BY kek_id LIMIT 1"
 _REQUEST_COLUMNS = (
@@ -166,38 +313,56 @@ def _check_condition(conn: sqlite3.Connection, key: SecretKey, condition: WriteC
 
 
 _UPSERT = (
-    f"INSERT INTO secrets ({_VALUE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "
+    f"INSERT INTO secrets ({_VALUE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) "
     "ON CONFLICT (room, owner, delegated_to, secret_id) DO UPDATE SET type=excluded.type, "
     "name=excluded.name, etag=excluded.etag, crc32c=excluded.crc32c, size=excluded.size, "
-    "sealed=excluded.sealed, update_time=excluded.update_time, kek_id=excluded.kek_id"
+    "sealed=excluded.sealed, update_time=excluded.update_time, kek_id=excluded.kek_id, "
+    "kind=excluded.kind"
 )
 _INSERT_IF_ABSENT = (
-    f"INSERT INTO secrets ({_VALUE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "
+    f"INSERT INTO secrets ({_VALUE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) "
     "ON CONFLICT (room, owner, delegated_to, secret_id) DO NOTHING"
 )
 _UPDATE_IF_ETAG = (
-    "UPDATE secrets SET type=?, name=?, etag=?, crc32c=?, size=?, sealed=?, update_time=?, kek_id=? "
-    "WHERE room=? AND owner=? AND delegated_to=? AND secret_id=? AND etag=?"
+    "UPDATE secrets SET type=?, name=?, etag=?, crc32c=?, size=?, sealed=?, update_time=?, kek_id=?, "
+    "kind=? WHERE room=? AND owner=? AND delegated_to=? AND secret_id=? AND etag=?"
 )
 
 
-def _put(conn: sqlite3.Connection, record: SecretRecord, condition: WriteCondition) -> None:
+def _put(conn: sqlite3.Connection, record: SecretRecord, condition: WriteCondition, caps: UsageCaps) -> None:
     """One statement, whose condition is part of it: it writes, or it changes nothing and raises
-    (so the writer needs no savepoint around it). Only the primary key may be upserted: a clash
-    on the name index must fail, never replace the other secret (INSERT OR REPLACE would)."""
+    (so the writer needs no savepoint around it; a cap trigger's RAISE undoes the statement too).
+    Only the primary key may be upserted: a clash on the name index must fail, never replace the
+    other secret (INSERT OR REPLACE would)."""
     k, r = record.key, record
-    fields = (r.type, r.name, r.etag, r.crc32c, r.size, r.sealed, r.update_time, r.kek_id)
+    fields = (r.type, r.name, r.etag, r.crc32c, r.size, r.sealed, r.update_time, r.kek_id, r.kind)
     try:
         if condition.etag is not None:
             written = conn.execute(_UPDATE_IF_ETAG, (*fields, *k, condition.etag)).rowcount
         else:
             sql = _INSERT_IF_ABSENT if condition.absent else _UPSERT
             written = conn.execute(sql, (*k, *fields)).rowcount
-    except sqlite3.IntegrityError:
+    except sqlite3.IntegrityError as error:
+        refusal = _refusal(error, record, caps)
+        if refusal is not None:
+            raise refusal from None
         raise AlreadyExists(f"another secret already has type {r.type!r} and name {r.name!r}") from None
     if not written:  # the condition failed (the rare path: look why, for the message)
         _check_condition(conn, k, condition)
         raise EtagMismatch(f"secret {k.secret_id!r} changed while it was written")
+
+
+# Pending requests of one requester, or to one target, in a room, not past their deadline
+# (requests_pending_by_requester / requests_pending_by_target); counted up to `limit` at most.
+_PENDING = {
+    column: f"SELECT count(*) FROM (SELECT 1 FROM requests WHERE room=? AND {column}=? "
+    "AND state='pending' AND deadline > ? LIMIT ?)"
+    for column in ("requested_by", "target")
+}
+
+
+def _pending(conn: sqlite3.Connection, column: str, room: str, identity: str, now: float, limit: int) -> int:
+    return int(conn.execute(_PENDING[column], (room, identity, now, limit)).fetchone()[0])
 
 
 Job = Callable[[sqlite3.Connection], Any]
@@ -475,14 +640,24 @@ class SqliteStore:
     def __init__(self, path: Path, *, group_window: float) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         write = _connect(path)
-        write.executescript(SCHEMA)
+        _migrate(write)
         self._read = _connect(path)
         self._commits = _CommitWatch(self._read, path)
         self._cache = _RecordCache(self._commits)
         self._writer = _Writer(write, self._cache, group_window)
+        self._caps = NO_CAPS
 
-    async def open(self) -> None:
-        pass  # opened (and the schema created) in __init__: a local file needs no waiting
+    async def open(self, caps: UsageCaps = NO_CAPS) -> None:
+        # Opened (and the schema created) in __init__: a local file needs no waiting. The caps
+        # are TEMP triggers of the writer's connection, so they are created by the writer.
+        def job(conn: sqlite3.Connection) -> None:
+            for name in ("secrets_cap_added", "secrets_cap_grown"):
+                conn.execute(f"DROP TRIGGER IF EXISTS temp.{name}")
+            for trigger in _cap_triggers(caps):
+                conn.execute(trigger)
+
+        await self._writer.run(job, effects=NO_SECRETS)
+        self._caps = caps
 
     async def close(self) -> None:
         self._writer.close()
@@ -517,12 +692,12 @@ class SqliteStore:
         return record
 
     async def find_secrets(
-        self, room: str, owner: str, delegated_to: str, type_: str, name: str
+        self, room: str, owner: str, delegated_to: str, kind: str, type_: str, name: str
     ) -> list[SecretRecord]:
         if type_:
-            rows = self._all(FIND_BY_NAME_AND_TYPE, (room, owner, delegated_to, name, type_))
+            rows = self._all(FIND_BY_NAME_AND_TYPE, (room, owner, delegated_to, kind, name, type_))
         else:
-            rows = self._all(FIND_BY_NAME, (room, owner, delegated_to, name))
+            rows = self._all(FIND_BY_NAME, (room, owner, delegated_to, kind, name))
         return [_secret(r) for r in rows]
 
     async def list_secrets(
@@ -540,8 +715,9 @@ class SqliteStore:
         return [_secret(r) for r in rows]
 
     async def put_secret(self, record: SecretRecord, condition: WriteCondition) -> None:
+        caps = self._caps
         await self._writer.run(
-            lambda conn: _put(conn, record, condition), savepoint=False, effects=((record.key, record),)
+            lambda conn: _put(conn, record, condition, caps), savepoint=False, effects=((record.key, record),)
         )
 
     async def delete_secret(self, key: SecretKey, condition: WriteCondition) -> bool:
@@ -556,26 +732,39 @@ class SqliteStore:
         # The check only reads and raises before the one statement that writes: no savepoint.
         return await self._writer.run(job, savepoint=False, effects=((key, None),))
 
-    async def delete_secrets_by_name(
-        self, room: str, owners_or_delegate: str, delegated_to: str, type_: str, name: str
-    ) -> int:
-        def job(conn: sqlite3.Connection) -> int:
-            # Owned (secrets_by_name_type), then, if it is the delegation asked for, delegated to
-            # the caller (secrets_by_delegate): an OR of the two would scan the whole room.
-            count = conn.execute(
-                DELETE_OWNED_BY_NAME, (room, owners_or_delegate, delegated_to, name, type_)
-            ).rowcount
-            if delegated_to == owners_or_delegate:
-                count += conn.execute(DELETE_DELEGATED_BY_NAME, (room, delegated_to, name, type_)).rowcount
-            return count
+    async def delete_answers(
+        self, room: str, identity: str, delegated_to: str, type_: str, name: str
+    ) -> list[SecretKey]:
+        def job(conn: sqlite3.Connection) -> list[SecretKey]:
+            # Owned (secrets_by_kind_name_type), then, if it is the delegation asked for, delegated
+            # to the caller (secrets_by_delegate): an OR of the two would scan the whole room.
+            rows = conn.execute(DELETE_OWNED_ANSWERS, (room, identity, delegated_to, name, type_)).fetchall()
+            if delegated_to == identity:
+                rows += conn.execute(DELETE_DELEGATED_ANSWERS, (room, delegated_to, name, type_)).fetchall()
+            return sorted({SecretKey(*row) for row in rows})
 
         return await self._writer.run(job)
+
+    async def usage(self, room: str, owner: str | None = None) -> Usage:
+        if owner is None:
+            row = self._one("SELECT secrets, bytes FROM room_usage WHERE room=?", (room,))
+        else:
+            row = self._one("SELECT secrets, bytes FROM secret_usage WHERE room=? AND owner=?", (room, owner))
+        return Usage(int(row[0]), int(row[1])) if row else Usage(0, 0)
 
     # -- requests -----------------------------------------------------------------------------
     async def create_request(self, record: RequestRecord) -> None:
         r = record
+        caps = self._caps
 
         def job(conn: sqlite3.Connection) -> None:
+            # In the writer, which serialises writes: nothing is stored between count and insert.
+            for cap, column, limit, identity in (
+                ("pending_asked", "requested_by", caps.pending_asked, r.requested_by),
+                ("pending_addressed", "target", caps.pending_addressed, r.target),
+            ):
+                if limit and _pending(conn, column, r.room, identity, r.created, limit) >= limit:
+                    raise caps.refusal(cap, r.room, identity)
             conn.execute(
                 f"INSERT INTO requests ({_REQUEST_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
@@ -630,6 +819,8 @@ class SqliteStore:
         secret: SecretRecord | None = None,
         secret_condition: WriteCondition = ANY,
     ) -> bool:
+        caps = self._caps
+
         def job(conn: sqlite3.Connection) -> bool:
             cur = conn.execute(
                 "UPDATE requests SET state=?, reason=?, secret_id=? WHERE request_id=? AND state='pending'",
@@ -638,7 +829,7 @@ class SqliteStore:
             if cur.rowcount != 1:
                 return False
             if secret is not None:
-                _put(conn, secret, secret_condition)  # raising rolls back the transition too
+                _put(conn, secret, secret_condition, caps)  # raising rolls back the transition too
             return True
 
         return await self._writer.run(job, effects=None if secret else NO_SECRETS)

@@ -615,6 +615,9 @@ class ServiceInfo(_message.Message):
     MANIFEST_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    APPLIED_BY_FIELD_NUMBER: _builtins.int
+    APPLIED_BY_ROLE_FIELD_NUMBER: _builtins.int
+    APPLIED_IN_ROOM_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     kind: _builtins.str
     """"Service" or "ServiceTemplate"."""
@@ -624,6 +627,13 @@ class ServiceInfo(_message.Message):
     not (they are referenced by id).
     """
     etag: _builtins.str
+    applied_by: _builtins.str
+    """Who applied this version: the identity of the token that applied it, its project role and
+    its room. The manifest releases nothing that author could not read or mint directly
+    (SECURITY.md "Authority"). Empty for manifests applied before authors were recorded.
+    """
+    applied_by_role: _builtins.str
+    applied_in_room: _builtins.str
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -635,10 +645,13 @@ class ServiceInfo(_message.Message):
         manifest: _builtins.str = ...,
         etag: _builtins.str = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        applied_by: _builtins.str = ...,
+        applied_by_role: _builtins.str = ...,
+        applied_in_room: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "etag", b"etag", "kind", b"kind", "manifest", b"manifest", "name", b"name", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_by", b"applied_by", "applied_by_role", b"applied_by_role", "applied_in_room", b"applied_in_room", "description", b"description", "etag", b"etag", "kind", b"kind", "manifest", b"manifest", "name", b"name", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -873,6 +886,7 @@ class ResolveServiceResponse(_message.Message):
     ENVIRONMENT_FIELD_NUMBER: _builtins.int
     DOCKER_CONFIG_JSON_FIELD_NUMBER: _builtins.int
     IMAGE_FIELD_NUMBER: _builtins.int
+    ALLOWED_ENVIRONMENT_FIELD_NUMBER: _builtins.int
     docker_config_json: _builtins.bytes
     """The pull secret as a .dockerconfigjson document; empty when the service has none. Never
     part of `environment`.
@@ -882,16 +896,24 @@ class ResolveServiceResponse(_message.Message):
     def environment(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Environment variables to add to the service's process."""
 
+    @_builtins.property
+    def allowed_environment(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Names in `environment` that a loader, interpreter or shell reads at start-up, set because a
+        project admin listed them in the manifest's `container.allow_environment`. `roomsecrets run`
+        refuses to start a command with any other such name.
+        """
+
     def __init__(
         self,
         *,
         environment: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         docker_config_json: _builtins.bytes = ...,
         image: _builtins.str = ...,
+        allowed_environment: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["docker_config_json", b"docker_config_json", "environment", b"environment", "image", b"image"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_environment", b"allowed_environment", "docker_config_json", b"docker_config_json", "environment", b"environment", "image", b"image"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
