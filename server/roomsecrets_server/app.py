@@ -16,16 +16,20 @@ from grpc_reflection.v1alpha import reflection
 from roomsecrets.v1 import oauth_connectors_pb2, project_secrets_pb2, room_secrets_pb2
 
 from .audit import AuditLog
-from .auth.dev_key import ensure_dev_key, mint_service_token
+from .auth.dev_key import DEV_KEY_FILE, ensure_dev_key, mint_service_token
 from .auth.tokens import TokenVerifier, VerificationKey, hs256_key, keys_from_jwks, public_key_from_pem
 from .config import Settings
 from .crypto.keyring import KeyringFile
 from .crypto.rotation import KekRotation
 from .crypto.startup_check import check_keyring
+from .egress import EgressPolicy
+from .files import PRIVATE_DIR_MODE, PRIVATE_MODE, read_private, tighten
 from .oauth.connectors import ConnectorService
 from .oauth.provider import AuthorizationServer
 from .oauth.service import OAuthService
+from .process import protect_process, raise_open_files_limit
 from .project.service import ProjectService
+from .quotas import Quotas
 from .requests.notifier import LocalNotifier, Notifier
 from .requests.pg_notifier import PgNotifier
 from .requests.service import RequestService
@@ -50,8 +54,14 @@ PROJECT_SECRETS = PROJECT_SECRETS_SERVICE.full_name
 
 def verification_keys(settings: Settings) -> list[VerificationKey]:
     keys: list[VerificationKey] = []
-    if settings.dev_signing_key:
+    if settings.dev_key_on:
         keys.append(hs256_key(*ensure_dev_key(settings.data_dir)))
+        if settings.production_keys:
+            log.warning(
+                "the development signing key %s is accepted beside the production verification keys "
+                "(--dev-key): whoever can read it mints any token",
+                settings.data_dir / DEV_KEY_FILE,
+            )
     for path in settings.jwt_public_keys:
         keys.append(public_key_from_pem(path.stem, path.read_bytes()))
     for path in settings.jwks_files:
@@ -71,7 +81,50 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 30_000),
         ("grpc.max_concurrent_streams", 1000),
+        # Closes a connection that has not sent its HTTP/2 preface and SETTINGS (after TLS) in
+        # time; grpc core's default, 2 minutes, lets idle connections hold every descriptor.
+        ("grpc.server_handshake_timeout_ms", max(1, round(settings.handshake_timeout * 1000))),
     ]
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials, if configured; the private key is refused if others may read it."""
+    if not (settings.tls_cert and settings.tls_key):
+        return None
+    return grpc.ssl_server_credentials(
+        [
+            (
+                read_private(settings.tls_key, "the TLS private key", group_readable_if_root_owned=True),
+                settings.tls_cert.read_bytes(),
+            )
+        ],
+        root_certificates=settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None,
+        require_client_auth=settings.tls_client_ca is not None,
+    )
+
+
+def prepare_serve_process(settings: Settings) -> None:
+    """What `roomsecrets serve` does to its own process before serving (in the parent of
+    `--workers`, whose workers inherit it): files it creates private (umask 077), no core dumps,
+    not dumpable, the open-files soft limit at the hard limit, and an older data dir's files
+    that others could read made private. Never in RoomSecretsServer: the test suite runs servers
+    in-process and keeps its own process state."""
+    protect_process()
+    raise_open_files_limit()
+    tighten_data_files(settings)
+
+
+def tighten_data_files(settings: Settings) -> None:
+    """The data dir 0700; the SQLite database, its WAL and shared memory, and the audit log 0600.
+    An older version left them readable by others (SQLite gives the WAL and SHM the database's
+    mode, whatever the umask): fixed with a warning rather than refused, since they hold
+    metadata (identities, names, URLs), not keys."""
+    tighten(settings.data_dir, PRIVATE_DIR_MODE)
+    if not settings.database_url:
+        db = settings.database_path
+        for path in (db, db.with_name(f"{db.name}-wal"), db.with_name(f"{db.name}-shm")):
+            tighten(path, PRIVATE_MODE)
+    tighten(settings.audit_log_path, PRIVATE_MODE)
 
 
 def open_store(settings: Settings) -> tuple[Store, Notifier]:
@@ -91,10 +144,13 @@ class RoomSecretsServer:
         self.keyring = KeyringFile(settings.keyring_path)
         self.keyring.ensure()
         self.keyring.envelope()  # fail at start, not on first use, if the keyring is unreadable
+        self._credentials = server_credentials(settings)  # likewise the TLS key
         self.verifier = TokenVerifier(
             verification_keys(settings), issuer=settings.token_issuer, audience=settings.token_audience
         )
         self.store, notifier = open_store(settings)
+        # Held by the store on every write (open) and by the request streams.
+        self.quotas = Quotas(settings)
         self.audit = AuditLog(
             settings.audit_log_path,
             fail_closed=not settings.audit_buffered,
@@ -113,15 +169,20 @@ class RoomSecretsServer:
             self.audit,
             listener_grace=settings.listener_grace,
             sweep_interval=settings.sweep_interval,
+            quotas=self.quotas,
         )
-        self.connectors = ConnectorService(self.store, self.secrets, self.audit)
+        # Every outbound HTTP call goes through this one policy (egress.py).
+        authorization_server = AuthorizationServer(
+            EgressPolicy(settings.egress_allow, timeout=settings.oauth_http_timeout)
+        )
+        self.connectors = ConnectorService(self.store, self.secrets, self.audit, server=authorization_server)
         self.oauth = OAuthService(
             self.store,
             self.secrets,
             self.requests,
             self.connectors,
             self.audit,
-            server=AuthorizationServer(timeout=settings.oauth_http_timeout),
+            server=authorization_server,
             refresh_margin=settings.oauth_refresh_margin,
         )
         self.project = ProjectService(
@@ -134,7 +195,7 @@ class RoomSecretsServer:
                 issuer=settings.token_issuer,
                 audience=settings.token_audience,
             )
-            if settings.dev_signing_key
+            if settings.dev_key_on
             else None,
         )
         self.health = health_aio.HealthServicer()
@@ -153,7 +214,7 @@ class RoomSecretsServer:
 
     async def start(self) -> None:
         try:
-            await self.store.open()
+            await self.store.open(self.quotas.caps)
             await check_keyring(self.store, self.keyring.envelope(), self.settings.keyring_path)
             await self.kek_rotation.start()
         except BaseException:
@@ -204,13 +265,8 @@ class RoomSecretsServer:
 
     def _bind(self, server: grpc.aio.Server) -> int:
         s = self.settings
-        if s.tls_cert and s.tls_key:
-            credentials = grpc.ssl_server_credentials(
-                [(s.tls_key.read_bytes(), s.tls_cert.read_bytes())],
-                root_certificates=s.tls_client_ca.read_bytes() if s.tls_client_ca else None,
-                require_client_auth=s.tls_client_ca is not None,
-            )
-            port = server.add_secure_port(s.listen, credentials)
+        if self._credentials is not None:
+            port = server.add_secure_port(s.listen, self._credentials)
         else:
             port = server.add_insecure_port(s.listen)
         if port == 0:
@@ -236,12 +292,13 @@ async def serve(settings: Settings, on_ready: Callable[[RoomSecretsServer], None
     """Run until SIGINT/SIGTERM, then shut down gracefully."""
     server = RoomSecretsServer(settings)
     await server.start()
-    if on_ready:
-        on_ready(server)
+    # Before the ready line: a SIGTERM sent as soon as it appears must stop gracefully.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if on_ready:
+        on_ready(server)
     await stop.wait()
     log.info("shutting down")
     await server.stop()

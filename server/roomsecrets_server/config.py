@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .egress import parse_allow_list
+
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_MAX_VALUE_BYTES = 1024 * 1024
 # Room for the value plus its envelope (ids, names, metadata) in one message.
@@ -30,8 +32,9 @@ class Settings:
     # them so. Empty: not checked, and a token that names any audience is refused.
     token_issuer: str = ""
     token_audience: str = ""
-    # Accept tokens signed with the dev key in the data dir (the embedded default).
-    dev_signing_key: bool = True
+    # Accept tokens signed with the dev key in the data dir. None: only while no production keys
+    # (jwt_public_keys, jwks_files) are configured; see dev_key_on, the one place that decides.
+    dev_signing_key: bool | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # set: mutual TLS, client certificates required
@@ -48,9 +51,13 @@ class Settings:
     # iteration's writes at its end. Every write is still on disk before its call returns.
     write_group_window: float = 0.01
     # Offline OAuth tokens are refreshed when they expire within this many seconds (at most half
-    # their lifetime); token endpoint calls give up after oauth_http_timeout seconds.
+    # their lifetime); an outbound call (resolve, connect, TLS, request and response together)
+    # gives up after oauth_http_timeout seconds.
     oauth_refresh_margin: float = 60.0
     oauth_http_timeout: float = 10.0
+    # Destinations the egress policy refuses (loopback, private, link-local, ...; egress.py) that
+    # outbound calls may reach anyway: HOST, HOST:PORT, IP, IP:PORT, [IPV6]:PORT or CIDR entries.
+    egress_allow: tuple[str, ...] = ()
     # Empty: the embedded SQLite database in data_dir. A postgresql:// URL: the shared PostgreSQL
     # store, which any number of replicas (same keyring and token keys) may use at once.
     database_url: str = ""
@@ -59,6 +66,29 @@ class Settings:
     kek_rotate_after: int = 2**30
     # Server processes sharing the listen port (SO_REUSEPORT); more than one needs PostgreSQL.
     workers: int = 1
+    # A connection that has not completed its handshake (TLS, and the client's HTTP/2 preface and
+    # SETTINGS) this many seconds after it was accepted is closed, so connections that never send
+    # a byte cannot hold the server's file descriptors.
+    handshake_timeout: float = 10.0
+    # Quotas (quotas.py): per identity and per room, in participant rooms. Streams: per process.
+    max_secrets_per_identity: int = 10_000
+    max_bytes_per_identity: int = 64 * 2**20
+    max_secrets_per_room: int = 100_000
+    max_bytes_per_room: int = 2**30
+    max_pending_asked: int = 32
+    max_pending_addressed: int = 64
+    max_watch_streams: int = 16
+
+    @property
+    def production_keys(self) -> bool:
+        return bool(self.jwt_public_keys or self.jwks_files)
+
+    @property
+    def dev_key_on(self) -> bool:
+        """Whether tokens signed with the data dir's dev key are accepted (and manifests mint
+        `token:` entries with it): as set, else only while no production keys are configured,
+        since a dev key beside them is a second way to mint any token."""
+        return self.dev_signing_key if self.dev_signing_key is not None else not self.production_keys
 
     @property
     def max_message_bytes(self) -> int:
@@ -101,10 +131,27 @@ class Settings:
             raise ValueError("write_group_window must be between 0 and 1 second")
         if not 0 < self.kek_rotate_after <= 2**31:
             raise ValueError("kek_rotate_after must be between 1 and 2^31")
+        parse_allow_list(self.egress_allow)  # ValueError naming the entry
         if self.database_url and not self.database_url.startswith(("postgresql://", "postgres://")):
             raise ValueError("database_url must be a postgresql:// URL (or empty for SQLite)")
-        if not self.dev_signing_key and not (self.jwt_public_keys or self.jwks_files):
+        if not self.dev_key_on and not self.production_keys:
             raise ValueError("no token verification keys: enable the dev key or configure public keys")
+        if not 0 < self.handshake_timeout <= 3600:
+            raise ValueError("handshake_timeout must be more than 0 and at most 3600 seconds")
+        for name in QUOTA_SETTINGS:
+            if not 0 < getattr(self, name) < 2**62:
+                raise ValueError(f"{name} must be a positive integer below 2^62")
+
+
+QUOTA_SETTINGS = (
+    "max_secrets_per_identity",
+    "max_bytes_per_identity",
+    "max_secrets_per_room",
+    "max_bytes_per_room",
+    "max_pending_asked",
+    "max_pending_addressed",
+    "max_watch_streams",
+)
 
 
 def is_loopback(listen: str) -> bool:

@@ -18,11 +18,12 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from ..app import RoomSecretsServer, open_store, serve
+from ..app import RoomSecretsServer, open_store, prepare_serve_process, serve
 from ..auth.dev_key import DEV_KEY_FILE, mint_token
-from ..config import DEFAULT_LISTEN, Settings
+from ..config import DEFAULT_LISTEN, QUOTA_SETTINGS, Settings
 from ..crypto.keyring import KeyringFile
 from ..crypto.rotation import KekRotation
+from ..process import protect_process
 from ..secrets.rewrap import rewrap_all
 from ..workers import run_workers
 from .errors import EXIT_OK, EXIT_USAGE, PROG, CliError
@@ -45,6 +46,17 @@ def env(name: str, default: str | None = None) -> str | None:
 
 def env_flag(name: str) -> bool:
     return (env(name) or "").lower() in ("1", "true", "yes", "on")
+
+
+def env_choice(name: str) -> bool | None:
+    """A yes/no environment variable: None when unset or empty."""
+    value = env(name)
+    return None if value is None else value.lower() in ("1", "true", "yes", "on")
+
+
+def env_list(name: str) -> list[str]:
+    """A comma-separated environment variable, its entries stripped, empty ones left out."""
+    return [item.strip() for item in (env(name) or "").split(",") if item.strip()]
 
 
 def env_paths(name: str) -> list[Path]:
@@ -76,6 +88,29 @@ def add_kek_rotate_after(parser: argparse.ArgumentParser) -> None:
     )
 
 
+QUOTA_HELP = {
+    "max_secrets_per_identity": "secrets one identity may own in a room",
+    "max_bytes_per_identity": "bytes of secret values one identity may own in a room",
+    "max_secrets_per_room": "secrets a room may hold",
+    "max_bytes_per_room": "bytes of secret values a room may hold",
+    "max_pending_asked": "pending requests one identity may have asked in a room",
+    "max_pending_addressed": "pending requests (each may prompt a human) addressed to one identity in a room",
+    "max_watch_streams": "WatchRequests streams one identity may hold open in a room, per server process",
+}
+
+
+def add_quotas(parser: argparse.ArgumentParser) -> None:
+    """The quota flags (quotas.py): a write or request past one fails RESOURCE_EXHAUSTED."""
+    for name in QUOTA_SETTINGS:
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            type=positive_int,
+            default=env(name.upper(), str(getattr(_DEFAULTS, name))),
+            metavar="N",
+            help=f"quota: {QUOTA_HELP[name]} (default %(default)s)",
+        )
+
+
 def add_data_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-dir",
@@ -86,14 +121,37 @@ def add_data_dir(parser: argparse.ArgumentParser) -> None:
 
 
 def add_database_url(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+    url = parser.add_mutually_exclusive_group()
+    url.add_argument(
         "--database-url",
         default=env("DATABASE_URL", ""),
         metavar="URL",
         help="a postgresql:// URL: keep everything in that PostgreSQL database, which several "
-        "replicas may share (default: SQLite in the data dir). Prefer the environment variable "
-        "ROOMSECRETS_DATABASE_URL for a URL holding a password: arguments are visible to `ps`",
+        "replicas may share (default: SQLite in the data dir). A URL holding a password: use "
+        "--database-url-file or ROOMSECRETS_DATABASE_URL, since arguments are visible to other "
+        "local users in `ps`",
     )
+    url.add_argument(
+        "--database-url-file",
+        type=Path,
+        default=env("DATABASE_URL_FILE"),
+        metavar="PATH",
+        help="read the postgresql:// URL from this file ('-': stdin; env ROOMSECRETS_DATABASE_URL_FILE)",
+    )
+
+
+def database_url_of(args: argparse.Namespace) -> str:
+    """--database-url, or what --database-url-file holds, whitespace around it dropped (so a
+    password stays out of argv)."""
+    path: Path | None = args.database_url_file
+    if path is None:
+        return str(args.database_url)
+    try:
+        text = sys.stdin.read() if str(path) == "-" else path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else type(error).__name__
+        raise CliError(f"cannot read --database-url-file {path}: {reason}", EXIT_USAGE) from None
+    return text.strip()
 
 
 # -- serve ----------------------------------------------------------------------------------------
@@ -147,9 +205,21 @@ def add_serve(subparsers: Any) -> None:
         "--oauth-http-timeout",
         type=non_negative,
         default=env("OAUTH_HTTP_TIMEOUT", str(_DEFAULTS.oauth_http_timeout)),
-        help="seconds a call to an OAuth token endpoint may take (default %(default)s)",
+        help="seconds a call to an OAuth token endpoint may take in all: resolve, connect, TLS, "
+        "request and response (default %(default)s)",
+    )
+    p.add_argument(
+        "--egress-allow",
+        action="append",
+        default=None,
+        metavar="ENTRY",
+        help="let outbound calls (OAuth token endpoints) reach a destination the egress policy "
+        "refuses (loopback, private, link-local, ...): HOST or HOST:PORT (that name, whatever it "
+        "resolves to), IP or IP:PORT, [IPV6]:PORT, or a CIDR (those addresses, any port); "
+        "repeatable (env ROOMSECRETS_EGRESS_ALLOW, comma-separated)",
     )
     add_kek_rotate_after(p)
+    add_quotas(p)
     p.add_argument(
         "--workers",
         type=positive_int,
@@ -158,7 +228,12 @@ def add_serve(subparsers: Any) -> None:
         "needs --database-url (default %(default)s)",
     )
     p.add_argument("--tls-cert", type=Path, default=env("TLS_CERT"), help="server certificate (PEM)")
-    p.add_argument("--tls-key", type=Path, default=env("TLS_KEY"), help="server private key (PEM)")
+    p.add_argument(
+        "--tls-key",
+        type=Path,
+        default=env("TLS_KEY"),
+        help="server private key (PEM); refused if others may read it (mode 0600, or 0640 owned by root)",
+    )
     p.add_argument(
         "--tls-client-ca",
         type=Path,
@@ -201,11 +276,31 @@ def add_serve(subparsers: Any) -> None:
         metavar="AUD",
         help="accept only tokens whose aud claim names AUD (default: tokens naming any audience are refused)",
     )
-    p.add_argument(
+    dev_key = p.add_mutually_exclusive_group()
+    dev_key.add_argument(
+        "--dev-key",
+        dest="dev_key",
+        action="store_const",
+        const=True,
+        help="accept tokens signed with the data dir's development key even beside --jwt-public-key "
+        "/ --jwks (logged as a warning at every start; env ROOMSECRETS_DEV_KEY=1). Default: "
+        "accepted only while no production keys are configured",
+    )
+    dev_key.add_argument(
         "--no-dev-key",
-        action="store_true",
-        default=env_flag("NO_DEV_KEY"),
-        help="do not accept tokens signed with the data dir's development key",
+        dest="dev_key",
+        action="store_const",
+        const=False,
+        help="never accept tokens signed with the development key (env ROOMSECRETS_NO_DEV_KEY=1)",
+    )
+    p.add_argument(
+        "--handshake-timeout",
+        type=non_negative,
+        default=env("HANDSHAKE_TIMEOUT", str(_DEFAULTS.handshake_timeout)),
+        metavar="SECONDS",
+        help="close a connection that has not completed its TLS and HTTP/2 handshake this long "
+        "after it was accepted, so idle connections cannot hold every file descriptor "
+        "(default %(default)s)",
     )
     p.add_argument(
         "--audit-log", type=Path, default=env("AUDIT_LOG"), help="audit log file (default DATA_DIR/audit.log)"
@@ -240,7 +335,8 @@ def add_serve(subparsers: Any) -> None:
         help="log level of the stderr log (default %(default)s)",
     )
     p.add_argument("--no-uvloop", action="store_true", help="use the default asyncio event loop")
-    p.set_defaults(run=run_serve)
+    # ROOMSECRETS_NO_DEV_KEY wins over ROOMSECRETS_DEV_KEY; unset: decided by Settings.dev_key_on.
+    p.set_defaults(run=run_serve, dev_key=False if env_flag("NO_DEV_KEY") else env_choice("DEV_KEY"))
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -253,22 +349,25 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         sweep_interval=args.sweep_interval,
         oauth_refresh_margin=args.oauth_refresh_margin,
         oauth_http_timeout=args.oauth_http_timeout,
+        egress_allow=tuple(args.egress_allow or env_list("EGRESS_ALLOW")),
         jwt_public_keys=tuple(args.jwt_public_keys or env_paths("JWT_PUBLIC_KEY")),
         jwks_files=tuple(args.jwks_files or env_paths("JWKS")),
         token_issuer=args.token_issuer,
         token_audience=args.token_audience,
-        dev_signing_key=not args.no_dev_key,
+        dev_signing_key=args.dev_key,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         allow_insecure_remote=args.allow_insecure_remote,
         audit_log=args.audit_log,
-        database_url=args.database_url,
+        database_url=database_url_of(args),
         audit_buffered=args.audit_buffered,
         audit_group_window=args.audit_group_window,
         write_group_window=args.write_group_window,
         workers=args.workers,
         kek_rotate_after=args.kek_rotate_after,
+        handshake_timeout=args.handshake_timeout,
+        **{name: getattr(args, name) for name in QUOTA_SETTINGS},
     )
 
 
@@ -276,7 +375,7 @@ def ready_line(server: RoomSecretsServer) -> str:
     s = server.settings
     transport = "mutual TLS" if s.tls_client_ca else "TLS" if s.tls_cert else "plaintext"
     line = f"{PROG}: serving on {server.address} ({transport}, data dir {s.data_dir})"
-    if s.dev_signing_key:
+    if s.dev_key_on:
         line += f"; mint a token: {PROG} token --data-dir {s.data_dir} --identity NAME --room ROOM"
     else:
         line += "; tokens must be signed by the configured public keys"
@@ -308,6 +407,10 @@ def run_serve(args: argparse.Namespace) -> int:
     for path in (settings.tls_cert, settings.tls_key, settings.tls_client_ca, *settings.jwt_public_keys):
         if path is not None and not path.is_file():
             raise CliError(f"no such file: {path}", EXIT_USAGE)
+    try:
+        prepare_serve_process(settings)  # before the workers fork: they inherit it
+    except OSError as error:
+        raise CliError(f"cannot start the server: {error}") from None
 
     if settings.workers > 1:
         # Fork before anything of gRPC or asyncio exists (workers.py).
@@ -376,7 +479,16 @@ def add_token(subparsers: Any) -> None:
         action="append",
         metavar=("ENDPOINT", "CLIENT_ID"),
         help="limit OAuth requests to this authorization endpoint (a trailing * matches a prefix) "
-        "and client id; repeatable (absent: any)",
+        "and client id, with a token endpoint on the authorization endpoint's origin "
+        "(scheme://host:port); repeatable (absent, and no --allow-oauth-token-endpoint: any)",
+    )
+    p.add_argument(
+        "--allow-oauth-token-endpoint",
+        nargs=3,
+        action="append",
+        metavar=("ENDPOINT", "CLIENT_ID", "TOKEN_ENDPOINT"),
+        help="as --allow-oauth, naming the token endpoint allowed with it (a trailing * matches "
+        "a prefix), on any origin; repeatable",
     )
     p.set_defaults(run=run_token)
 
@@ -385,6 +497,7 @@ def run_token(args: argparse.Namespace) -> int:
     grants = set(args.grant or ())
     if args.no_secrets and "secrets" in grants:
         raise CliError("--no-secrets contradicts --grant secrets", EXIT_USAGE)
+    protect_process()  # it may create the data dir and the key; it holds the key
     data_dir: Path = args.data_dir
     if not (data_dir / DEV_KEY_FILE).exists():
         print(
@@ -394,7 +507,13 @@ def run_token(args: argparse.Namespace) -> int:
         )
     if (args.project_role == "service") != bool(args.service):
         raise CliError("--service goes with --project-role service (and it needs one)", EXIT_USAGE)
-    oauth = [{"endpoint": e, "client_id": c} for e, c in args.allow_oauth] if args.allow_oauth else None
+    oauth: list[dict[str, str]] | None = None
+    if args.allow_oauth or args.allow_oauth_token_endpoint:
+        oauth = [{"endpoint": e, "client_id": c} for e, c in args.allow_oauth or ()]
+        oauth += [
+            {"endpoint": e, "client_id": c, "token_endpoint": t}
+            for e, c, t in args.allow_oauth_token_endpoint or ()
+        ]
     token = mint_token(
         data_dir,
         identity=args.identity,
@@ -443,8 +562,9 @@ def add_rewrap(subparsers: Any) -> None:
 
 
 def run_rewrap(args: argparse.Namespace) -> int:
+    protect_process()  # it may create files (the keyring, SQLite's WAL); it holds every key
     settings = Settings(
-        data_dir=args.data_dir, database_url=args.database_url, kek_rotate_after=args.kek_rotate_after
+        data_dir=args.data_dir, database_url=database_url_of(args), kek_rotate_after=args.kek_rotate_after
     )
     try:
         settings.check()
