@@ -31,7 +31,8 @@ from roomsecrets_server.auth import authority
 from roomsecrets_server.auth.dev_key import mint_token
 from roomsecrets_server.config import Settings
 from roomsecrets_server.crypto.checksum import crc32c
-from roomsecrets_server.rpc.room_secrets import RoomSecretsServicer, authorization, secret_info
+from roomsecrets_server.rpc.gate import Gate, authorization
+from roomsecrets_server.rpc.room_secrets import RoomSecretsServicer, secret_info
 from roomsecrets_server.secrets import service as secrets_service
 from roomsecrets_server.store import SecretKey
 from roomsecrets_server.store import sqlite as sqlite_store
@@ -86,7 +87,9 @@ class Timer:
 async def measure(data_dir: Path, payload_bytes: int, timer: Timer) -> None:
     settings = Settings(data_dir=data_dir, listen="127.0.0.1:0")
     server = RoomSecretsServer(settings)
-    servicer = RoomSecretsServicer(server.verifier, server.secrets, server.requests, server.oauth)
+    servicer = RoomSecretsServicer(
+        Gate(server.verifier, server.audit), server.secrets, server.requests, server.oauth
+    )
     secrets, audit, keyring = server.secrets, server.audit, server.keyring
     store = server.store
     assert isinstance(store, sqlite_store.SqliteStore)  # this profile reads SQLite directly

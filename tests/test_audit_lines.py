@@ -257,7 +257,7 @@ def test_every_read_write_delete_request_and_answer_is_a_structured_line(
     }
     assert expected <= seen, expected - seen
     requested = [e for e in lines if e["action"] == "request_secret" and e["actor"] == "alice"]
-    assert {e["request_id"] for e in requested} >= {inbound.request_id, event.secret_request.request_id}
+    assert {e.get("request_id") for e in requested} >= {inbound.request_id, event.secret_request.request_id}
     for entry in lines:  # structured: who, where, what, outcome on every line
         assert {"ts", "action", "room", "actor", "outcome"} <= entry.keys()
         assert entry["room"] == "dev-project/room-1"  # the room, qualified by its project

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import pytest
 from roomsecrets.errors import FailedPreconditionError, PermissionDeniedError, SecretsError
 from roomsecrets.project import ProjectSecretsClient
 from roomsecrets.v1 import room_secrets_pb2 as pb
+from roomsecrets_server.auth.dev_key import ensure_dev_key
 from roomsecrets_server.project import launch
 from roomsecrets_server.project.service import SERVICE_TYPE
 from roomsecrets_server.store import ANY, SecretKey
@@ -523,3 +525,142 @@ def test_information_flow_table(room: Participants, project: Callable[..., Proje
 def test_security_md_lists_the_start_up_variables_refused() -> None:
     text = (Path(__file__).parent.parent / "SECURITY.md").read_text()
     assert launch.document() in text
+
+
+# -- what the black-box review found (each failed before its fix) -----------------------------------------
+def forged(room: Participants, identity: str, api: Any, **claims: Any) -> tuple[tuple[str, str], ...]:
+    """A token signed with the server's dev key, with `api` and other claims as given."""
+    kid, key = ensure_dev_key(room.server.settings.data_dir)
+    body = {
+        "name": identity,
+        "sub": "dev-project",
+        "exp": int(time.time()) + 600,
+        "grants": [{"name": "room", "scope": room.room}, {"name": "api", "scope": api}],
+        **claims,
+    }
+    body = {k: v for k, v in body.items() if v is not None}
+    return (("authorization", f"Bearer {jwt.encode(body, key, algorithm='HS256', headers={'kid': kid})}"),)
+
+
+def test_an_admin_grant_saying_false_grants_nothing(room: Participants) -> None:
+    set_secret(room, "victim", secret_id="s", data=b"victim-value")
+    grants: list[Any] = [False, 0, "", "false", [], {"config": False}]
+    for admin in grants:
+        md = forged(room, "eve", {"secrets": {}, "admin": admin})
+        request = pb.SetSecretRequest(secret_id="s", data=b"EVE-WAS-HERE", for_identity="victim")
+        with pytest.raises(grpc.RpcError) as refused:
+            room.stub.SetSecret(request, metadata=md)
+        assert refused.value.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED), (
+            admin
+        )
+    assert get_data(room, "victim", secret_id="s") == b"victim-value"
+    ok = forged(room, "ops", {"secrets": {}, "admin": {}})  # the reference's AdminGrant{config: true}
+    room.stub.Exists(pb.ExistsRequest(secret_id="s", for_identity="victim"), metadata=ok)
+
+
+def test_a_token_without_a_project_is_refused(room: Participants) -> None:
+    for sub in ("", None):
+        with pytest.raises(grpc.RpcError) as refused:
+            room.stub.ListSecrets(
+                pb.ListSecretsRequest(), metadata=forged(room, "eve", {"secrets": {}}, sub=sub)
+            )
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_developer_naming_a_template_after_itself_reads_no_installers_input(
+    room: Participants, project: Callable[..., ProjectSecretsClient]
+) -> None:
+    template = textwrap.dedent(
+        """\
+        version: v1
+        kind: ServiceTemplate
+        metadata: {name: dev}
+        variables:
+          - {name: db_password, obscure: true}
+        container:
+          image: registry.example/dev:1
+          environment:
+            - {name: DB_PASSWORD, value: "{{ db_password }}"}
+        """
+    )
+    project("dev", project_role="developer").apply_service(template)
+    project("ops", project_role="admin").resolve_service("dev", {"db_password": "ADMIN-ONLY-DB-PASSWORD"})
+    read = pb.GetSecretRequest(secret_id="dev.db_password")
+    for md in (room.auth("dev"), room.auth("dev", project_role="developer")):
+        with pytest.raises(grpc.RpcError) as refused:
+            room.stub.GetSecret(read, metadata=md)
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    service = room.auth("dev", project_role="service", service="dev")  # the service itself does
+    assert room.stub.GetSecret(read, metadata=service).data == b"ADMIN-ONLY-DB-PASSWORD"
+
+
+def test_dot_segments_cannot_step_out_of_a_granted_endpoint_prefix(room: Participants) -> None:
+    grant = [
+        {
+            "endpoint": "https://idp.example/tenant-a/*",
+            "client_id": "c",
+            "token_endpoint": "https://idp.example/tenant-a/*",
+        }
+    ]
+    md = room.auth("eve", request_oauth_token=grant)
+    for token_endpoint in (
+        "https://idp.example/tenant-a/../tenant-b/token",
+        "https://idp.example/tenant-a/%2e%2e/tenant-b/token",
+        "https://idp.example/tenant-a/..%2ftenant-b/token",
+        "https://idp.example/tenant-a\\..\\tenant-b/token",
+    ):
+        oauth = pb.OAuthClientConfig(
+            client_id="c",
+            authorization_endpoint="https://idp.example/tenant-a/authorize",
+            token_endpoint=token_endpoint,
+        )
+        request = pb.GetOfflineOAuthTokenRequest(oauth=oauth)
+        with pytest.raises(grpc.RpcError) as refused:
+            room.stub.GetOfflineOAuthToken(request, metadata=md)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, token_endpoint
+        assert "oauth.token_endpoint" in (refused.value.details() or "")
+
+
+def test_every_refusal_leaves_an_audit_line(
+    room: Participants, project: Callable[..., ProjectSecretsClient]
+) -> None:
+    set_secret(room, "alice", secret_id="s", data=b"alice-value", delegated_to="bob")
+    before = len(audit_lines(room.server))
+    calls = {
+        "get_secret": lambda: room.stub.GetSecret(
+            pb.GetSecretRequest(secret_id="s", delegated_by="alice"), metadata=room.auth("mallory")
+        ),
+        "set_secret": lambda: room.stub.SetSecret(
+            pb.SetSecretRequest(secret_id="s", data=b"x", for_identity="alice"), metadata=room.auth("mallory")
+        ),
+        "delete_secret": lambda: room.stub.DeleteSecret(
+            pb.DeleteSecretRequest(secret_id="nope"), metadata=room.auth("mallory")
+        ),
+        "list_secrets": lambda: room.stub.ListSecrets(
+            pb.ListSecretsRequest(), metadata=room.auth("mallory", secrets_grant=False)
+        ),
+        "exists": lambda: room.stub.Exists(
+            pb.ExistsRequest(secret_id="s"), metadata=(("authorization", "x"),)
+        ),
+        "resolve_service": lambda: project("dev", project_role="developer").resolve_service("api"),
+    }
+    for call in calls.values():
+        assert code_of(call) != grpc.StatusCode.OK
+    refused = audit_lines(room.server)[before:]
+    assert [line["action"] for line in refused] == list(calls)
+    assert all(line["outcome"] != "ok" for line in refused)
+    assert refused[0]["actor"] == "mallory" and refused[0]["secret_id"] == "s"
+    assert refused[4]["actor"] == "" and refused[4]["outcome"] == "unauthenticated"
+    assert b"alice-value" not in room.server.settings.audit_log_path.read_bytes()
+
+
+def test_start_up_variables_of_libraries_and_runtimes_are_refused(
+    project: Callable[..., ProjectSecretsClient],
+) -> None:
+    dev = project("dev", project_role="developer")
+    names = "OPENSSL_CONF QT_PLUGIN_PATH GTK_MODULES ERL_AFLAGS MONO_ENV_OPTIONS BUN_OPTIONS GEM_PATH"
+    names += " RUBYGEMS_GEMDEPS JULIA_LOAD_PATH R_LIBS VIMINIT WGETRC KRB5_CONFIG"
+    for name in names.split():
+        with pytest.raises(SecretsError) as refused:
+            dev.apply_service(service("api", f"- {{name: {name}, value: /tmp/x}}"))
+        assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT, name

@@ -84,8 +84,9 @@ ALLOWED: dict[str, set[grpc.StatusCode]] = {
     "ListPullSecrets": {Code.OK, Code.PERMISSION_DENIED},
     "DeletePullSecret": _CAS,
     # Manifests are refused whole with the offending path; an etag that is not the stored one
-    # (or names no stored manifest) is ABORTED.
-    "ApplyService": {Code.OK, Code.INVALID_ARGUMENT, Code.ABORTED},
+    # (or names no stored manifest) is ABORTED; PERMISSION_DENIED: the manifest names something
+    # its author may not read or mint (a room secret neither its own nor delegated to it).
+    "ApplyService": {Code.OK, Code.INVALID_ARGUMENT, Code.ABORTED, Code.PERMISSION_DENIED},
     "GetService": _READ,
     "ListServices": {Code.OK, Code.PERMISSION_DENIED},
     "DeleteService": _CAS,
@@ -981,7 +982,8 @@ def test_resolve_service_answers_deliberately(
     assert f["name"] == "chat" and reply.docker_config_json == b""
     api_key = variables.get("api_key", stored or "")
     assert env == {"API_KEY": api_key, "MODEL": f"model-{variables.get('model', '')}"}
-    kept = room.stub.GetSecret(pb.GetSecretRequest(secret_id="chat.api_key"), metadata=chat)
+    service = room.auth("chat", project_role="service", service="chat")
+    kept = room.stub.GetSecret(pb.GetSecretRequest(secret_id="chat.api_key"), metadata=service)
     assert kept.data == api_key.encode()  # the obscure value lives as the service's room secret
 
 

@@ -252,8 +252,13 @@ def test_template_obscure_variable_is_stored_as_a_room_secret(
     env = admin.resolve_service("chat", {"api_key": "k-obscure-77", "model": "large"}).environment
     assert env == {"API_KEY": "k-obscure-77", "MODEL": "model-large"}
     # Stored as the service identity's room secret, and used when not supplied again.
-    stored = room.stub.GetSecret(rpb.GetSecretRequest(secret_id="chat.api_key"), metadata=room.auth("chat"))
+    chat = room.auth("chat", project_role="service", service="chat")  # the service's own token
+    stored = room.stub.GetSecret(rpb.GetSecretRequest(secret_id="chat.api_key"), metadata=chat)
     assert stored.data == b"k-obscure-77"
+    # A participant that merely holds the identity `chat` does not read it (test_authority.py).
+    with pytest.raises(grpc.RpcError) as refused:
+        room.stub.GetSecret(rpb.GetSecretRequest(secret_id="chat.api_key"), metadata=room.auth("chat"))
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert admin.resolve_service("chat").environment["API_KEY"] == "k-obscure-77"
     with pytest.raises(Exception, match=r"variables\.model"):
         admin.resolve_service("chat", {"model": "huge"})

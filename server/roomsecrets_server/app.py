@@ -33,6 +33,7 @@ from .quotas import Quotas
 from .requests.notifier import LocalNotifier, Notifier
 from .requests.pg_notifier import PgNotifier
 from .requests.service import RequestService
+from .rpc.gate import Gate
 from .rpc.oauth_connectors import OAuthConnectorsServicer
 from .rpc.project_secrets import ProjectSecretsServicer
 from .rpc.registry import add_servicer
@@ -221,20 +222,21 @@ class RoomSecretsServer:
             await self.store.close()
             raise
         server = grpc.aio.server(options=server_options(self.settings))
+        gate = Gate(self.verifier, self.audit)
         add_servicer(
             server,
             ROOM_SECRETS_SERVICE,
-            RoomSecretsServicer(self.verifier, self.secrets, self.requests, self.oauth),
+            RoomSecretsServicer(gate, self.secrets, self.requests, self.oauth),
         )
         add_servicer(
             server,
             OAUTH_CONNECTORS_SERVICE,
-            OAuthConnectorsServicer(self.verifier, self.connectors),
+            OAuthConnectorsServicer(gate, self.connectors),
         )
         add_servicer(
             server,
             PROJECT_SECRETS_SERVICE,
-            ProjectSecretsServicer(self.verifier, self.project),
+            ProjectSecretsServicer(gate, self.project),
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(

@@ -5,17 +5,30 @@ Messages are shown to callers: they name fields and ids, never secret values or 
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 
 class DomainError(Exception):
-    """Base of every error a caller may see. `reason` goes into google.rpc.ErrorInfo."""
+    """Base of every error a caller may see. `reason` goes into google.rpc.ErrorInfo.
+    `audited`: the domain already wrote this refusal's audit line (rpc/gate.py writes none)."""
 
     reason = "ERROR"
+    audited = False
 
     def __init__(self, message: str, *, reason: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         if reason is not None:
             self.reason = reason
+
+
+E = TypeVar("E", bound=DomainError)
+
+
+def audited(error: E) -> E:
+    """`error`, marked as a refusal whose audit line the domain wrote (with its own detail)."""
+    error.audited = True
+    return error
 
 
 class InvalidArgument(DomainError):

@@ -66,7 +66,7 @@ def text(value: str, field: str, limit: int, *, required: bool = False) -> str:
 def user_type(value: str, field: str = "type") -> str:
     """A secret type a caller may use: not one the server keeps for its own rows."""
     value = text(value, field, MAX_TYPE)
-    if value.startswith(RESERVED_TYPE_PREFIX):
+    if value.lower().startswith(RESERVED_TYPE_PREFIX):  # MIME types compare case-insensitively
         raise InvalidArgument(field, f"types starting with {RESERVED_TYPE_PREFIX!r} are kept by the server")
     return value
 

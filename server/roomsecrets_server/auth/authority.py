@@ -42,12 +42,22 @@ def readable_scope(p: Principal, delegated_to: str, delegated_by: str) -> tuple[
     return delegated_by, p.identity
 
 
-def reads_as(p: Principal, owner: str, delegated_to: str) -> str:
+def reads_as(p: Principal, owner: str, delegated_to: str, *, template_variable: bool = False) -> str:
     """On which footing `p` reads a secret of `owner` delegated to `delegated_to` in its own room:
     "owner" or "delegate". Raises PermissionDenied for anyone else, and for a `p` without the
-    `secrets` grant (a manifest's author, say, whose token had none)."""
+    `secrets` grant (a manifest's author, say, whose token had none).
+
+    A ServiceTemplate's variable is stored under the identity the template's name gives, which
+    its author chose: a participant who happens to hold that identity (or a developer who named a
+    template after itself) must not read what an installer typed in. It is the service's: only a
+    token of that service (project role `service`, service = the owner) reads it."""
     if p.secrets is None:
         raise PermissionDenied(f"{p.identity!r} has no 'secrets' API grant, which reading room secrets needs")
+    if template_variable and not (p.project_role == "service" and p.service == owner == p.identity):
+        raise PermissionDenied(
+            f"this secret of {owner!r} holds a ServiceTemplate variable: only a token of service "
+            f"{owner!r} itself (project role service) reads it"
+        )
     if owner == p.identity:
         return "owner"
     if delegated_to and delegated_to == p.identity:

@@ -150,7 +150,7 @@ def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
     if not isinstance(api, Mapping):
         raise Unauthenticated("token 'api' grant must be an object")
     project_role, service = _project_grant(_scope(grants, "project"))
-    project = _claim_text(claims.get("sub"), "'sub' claim (the project)", required=False)
+    project = _claim_text(claims.get("sub"), "'sub' claim (the project)")
     return Principal(
         identity=identity,
         project=project,
@@ -158,7 +158,7 @@ def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
         room_name=room,
         role=str(role),
         secrets=_secrets_grant(api.get("secrets")),
-        admin=api.get("admin") is not None,
+        admin=_admin_grant(api.get("admin")),
         expires_at=float(claims["exp"]),
         project_role=project_role,
         service=service,
@@ -173,6 +173,17 @@ def _project_grant(raw: Any) -> tuple[str, str]:
     if raw["role"] != "service":
         return str(raw["role"]), ""
     return "service", _claim_text(raw.get("service"), "'project' grant's service (role 'service' names one)")
+
+
+def _admin_grant(raw: Any) -> bool:
+    """The reference's AdminGrant{config: bool = True}: an object, absent or null for none. A
+    token saying `false`, `0`, `""` or `{"config": false}` grants nothing, and anything that is
+    not such an object is refused rather than guessed at."""
+    if raw is None:
+        return False
+    if not isinstance(raw, Mapping) or not isinstance(raw.get("config", True), bool):
+        raise Unauthenticated("token 'api.admin' grant must be an object ({} or {\"config\": true|false})")
+    return bool(raw.get("config", True))
 
 
 def _secrets_grant(raw: Any) -> SecretsGrant | None:

@@ -12,11 +12,12 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from authlib.common.security import generate_token
 from authlib.integrations.base_client.errors import OAuthError
@@ -91,7 +92,19 @@ def _check_url(value: str, field_name: str, *, required: bool = True) -> str:
         raise InvalidArgument(field_name, "must use https (plain http is accepted for loopback hosts only)")
     if parts.fragment:
         raise InvalidArgument(field_name, "must not have a #fragment")
+    if _unnormalized_path(parts.path):
+        # The HTTP client would normalize these away after a grant's prefix (`.../tenant-a/*`)
+        # was matched against the raw string: `.../tenant-a/../tenant-b/token`.
+        raise InvalidArgument(
+            field_name, "must not contain . or .. path segments, backslashes or encoded slashes"
+        )
     return value
+
+
+def _unnormalized_path(path: str) -> bool:
+    if "\\" in path or re.search("%(2f|5c)", path, re.IGNORECASE):
+        return True
+    return any(unquote(segment) in (".", "..") for segment in path.split("/"))
 
 
 def _split(value: str, field_name: str) -> SplitResult:

@@ -47,6 +47,7 @@ from ..errors import (
     InvalidArgument,
     NotImplementedYet,
     PermissionDenied,
+    audited,
 )
 from ..requests.service import OAUTH, RequestService
 from ..secrets.service import SecretsService
@@ -265,10 +266,12 @@ class OAuthService:
             await self._audit.record(
                 "provide_oauth", room=p.room, actor=p.identity, outcome="in_progress", request_id=request_id
             )
-            raise FailedPrecondition(
-                f"request {request_id} is being answered already (a code is being exchanged); "
-                "wait for that answer's outcome",
-                reason="OAUTH_EXCHANGE_IN_PROGRESS",
+            raise audited(
+                FailedPrecondition(
+                    f"request {request_id} is being answered already (a code is being exchanged); "
+                    "wait for that answer's outcome",
+                    reason="OAUTH_EXCHANGE_IN_PROGRESS",
+                )
             )
         try:
             # Answered, rejected or expired meanwhile (perhaps through another replica): its
@@ -291,12 +294,14 @@ class OAuthService:
             request_id=record.request_id,
         )
         if not state:
-            raise InvalidArgument(
-                "state",
-                f"is required: give the state of request {record.request_id} (the `state` of the "
-                "provider's redirect), which ties the code to this request",
+            raise audited(
+                InvalidArgument(
+                    "state",
+                    f"is required: give the state of request {record.request_id} (the `state` of the "
+                    "provider's redirect), which ties the code to this request",
+                )
             )
-        raise InvalidArgument("state", f"does not match the state of request {record.request_id}")
+        raise audited(InvalidArgument("state", f"does not match the state of request {record.request_id}"))
 
     async def _exchange_and_close(self, p: Principal, record: RequestRecord, code: str) -> None:
         request_id = record.request_id
@@ -314,7 +319,7 @@ class OAuthService:
             await self._audit.record(
                 "provide_oauth", room=p.room, actor=p.identity, outcome=exc.error, request_id=request_id
             )
-            raise
+            raise audited(exc) from None
         key = SecretKey(p.room, record.target, record.delegate_to, flow.config.token_secret_id)
         for _ in range(4):
             existing = await self._store.get_secret(key)
@@ -474,9 +479,12 @@ class OAuthService:
             await self._audit.record(
                 method, room=p.room, actor=p.identity, outcome="denied", target=config.client_id
             )
-            raise PermissionDenied(
-                f"the token's secrets grant does not allow OAuth tokens from {config.authorization_endpoint} "
-                f"with the token endpoint {config.token_endpoint} for client {config.client_id!r}"
+            raise audited(
+                PermissionDenied(
+                    f"the token's secrets grant does not allow OAuth tokens from "
+                    f"{config.authorization_endpoint} with the token endpoint {config.token_endpoint} "
+                    f"for client {config.client_id!r}"
+                )
             )
         return config, prefix
 

@@ -40,6 +40,7 @@ from ..errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    audited,
 )
 from ..secrets.service import SecretsService
 from ..store import ABSENT, ANY, SecretKey, SecretKind, SecretRecord, Store, WriteCondition
@@ -158,7 +159,7 @@ class ProjectService:
                 await self._audit.record(
                     "get_secret_key", room=_where(p), actor=p.identity, outcome="denied", secret_id=id_
                 )
-                raise PermissionDenied(f"service {p.service!r} does not declare secret key {id_!r}")
+                raise audited(PermissionDenied(f"service {p.service!r} does not declare secret key {id_!r}"))
             self._check_author_reads_values(stored, f"secret key {id_!r}")
             may_read = True
         else:
@@ -298,11 +299,11 @@ class ProjectService:
         manifest = parse_manifest(text)  # refused whole when invalid: nothing is written
         try:
             await self._check_author(p, manifest)  # no amplification: nothing beyond the author's own
-        except PermissionDenied:
+        except PermissionDenied as refused:
             await self._audit.record(
                 "apply_service", room=_where(p), actor=p.identity, outcome="denied", target=manifest.name
             )
-            raise
+            raise audited(refused) from None
         key = _key(p, "service:" + manifest.name)
         existing = await self._store.get_secret(key)
         if etag and (existing is None or existing.etag != etag):
@@ -376,7 +377,9 @@ class ProjectService:
                 await self._audit.record(
                     "resolve_service", room=_where(p), actor=p.identity, outcome="denied", target=name
                 )
-                raise PermissionDenied(f"a token of service {p.service!r} may not resolve service {name!r}")
+                raise audited(
+                    PermissionDenied(f"a token of service {p.service!r} may not resolve service {name!r}")
+                )
         else:
             p.require_project_role("admin", what="resolving a service")
         stored = await self._service(p, name)
@@ -587,7 +590,17 @@ class ProjectService:
             return value
         if existing is None:
             raise InvalidArgument(f"variables.{var}", "is required (no stored value for this room yet)")
-        return _utf8(self._secrets.open(existing), manifest, key.secret_id)
+        value = _utf8(self._secrets.open(existing), manifest, key.secret_id)
+        await self._audit.record(
+            "resolve_service.template_variable",
+            room=p.room,
+            actor=p.identity,
+            secret_id=key.secret_id,
+            owner=key.owner,
+            target=manifest.name,
+            authority=f"{p.project_role}:{p.identity} (installs template {manifest.name})",
+        )
+        return value
 
     # -- storage helpers ----------------------------------------------------------------------
     async def _write(

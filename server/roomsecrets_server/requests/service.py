@@ -37,6 +37,7 @@ from ..errors import (
     RequestTimedOut,
     ResourceExhausted,
     Unavailable,
+    audited,
 )
 from ..quotas import QuotaExceeded, Quotas
 from ..secrets.service import SecretsService, SecretValue
@@ -174,9 +175,11 @@ class RequestService:
             await self._audit.record(
                 action, room=p.room, actor=p.identity, outcome="not_listening", target=target
             )
-            raise FailedPrecondition(
-                f"participant {target!r} is not listening for requests (no open WatchRequests stream)",
-                reason="NOT_LISTENING",
+            raise audited(
+                FailedPrecondition(
+                    f"participant {target!r} is not listening for requests (no open WatchRequests stream)",
+                    reason="NOT_LISTENING",
+                )
             )
         now = time.time()
         record = RequestRecord(
@@ -205,11 +208,11 @@ class RequestService:
                 request_id=record.request_id,
                 target=target,
             )
-        except QuotaExceeded:  # the store refused it (quotas.py): nothing was stored or pushed
+        except QuotaExceeded as refused:  # the store refused it (quotas.py): nothing stored or pushed
             await self._audit.record(
                 action, room=p.room, actor=p.identity, outcome="quota_exceeded", target=target
             )
-            raise
+            raise audited(refused) from None
         except BaseException:
             # The requester went away while the request was being stored, or its audit line
             # could not be written: once it is stored, cancel it, so the asked participant is not
@@ -311,7 +314,7 @@ class RequestService:
                 )
             except (EtagMismatch, AlreadyExists):
                 continue  # the stored secret changed under us; look again
-            except QuotaExceeded:  # the answer would pass the asked identity's quota: still pending
+            except QuotaExceeded as refused:  # the answer would pass the asked identity's quota
                 await self._audit.record(
                     "provide_secret",
                     room=p.room,
@@ -320,7 +323,7 @@ class RequestService:
                     request_id=request_id,
                     owner=record.target,
                 )
-                raise
+                raise audited(refused) from None
             if not won:
                 raise self._not_pending(await self._store.get_request(request_id))
             await self._audit.record(
@@ -353,8 +356,10 @@ class RequestService:
             await self._audit.record(
                 f"answer_{kind}", room=p.room, actor=p.identity, outcome="denied", request_id=request_id
             )
-            raise PermissionDenied(
-                f"request {request_id} is addressed to another participant; only they may answer"
+            raise audited(
+                PermissionDenied(
+                    f"request {request_id} is addressed to another participant; only they may answer"
+                )
             )
         if record.kind != kind:
             raise FailedPrecondition(f"request {request_id} is a {record.kind} request, not a {kind} request")
@@ -378,11 +383,11 @@ class RequestService:
         p.require_secrets()
         try:  # counted and subscribed with no await in between: one process's streams are exact
             self._quotas.check_watch_streams(p.room, p.identity, self._notifier.streams(p.room, p.identity))
-        except QuotaExceeded:
+        except QuotaExceeded as refused:
             await self._audit.record(
                 "watch_requests", room=p.room, actor=p.identity, outcome="quota_exceeded"
             )
-            raise
+            raise audited(refused) from None
         subscription = await self._notifier.subscribe(p.room, p.identity)  # first, so nothing slips by
         try:
             await self._audit.record("watch_requests", room=p.room, actor=p.identity)

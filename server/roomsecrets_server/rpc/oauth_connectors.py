@@ -9,9 +9,9 @@ from roomsecrets.v1 import oauth_connectors_pb2 as pb
 from roomsecrets.v1 import oauth_connectors_pb2_grpc as pb_grpc
 
 from ..auth.principal import Principal
-from ..auth.tokens import TokenVerifier
 from ..oauth.connectors import Connector, ConnectorService
 from .convert import client_config, timestamp
+from .gate import Gate
 from .room_secrets import unary
 
 
@@ -32,8 +32,8 @@ def connector_info(connector: Connector) -> pb.ConnectorInfo:
 
 
 class OAuthConnectorsServicer(pb_grpc.OAuthConnectorsServicer):
-    def __init__(self, verifier: TokenVerifier, connectors: ConnectorService) -> None:
-        self.verifier = verifier
+    def __init__(self, gate: Gate, connectors: ConnectorService) -> None:
+        self.gate = gate
         self.connectors = connectors
 
     @unary

@@ -10,9 +10,9 @@ from roomsecrets.v1 import project_secrets_pb2 as pb
 from roomsecrets.v1 import project_secrets_pb2_grpc as pb_grpc
 
 from ..auth.principal import Principal
-from ..auth.tokens import TokenVerifier
 from ..project.service import ProjectService, PullSecret, SecretKeyBundle, StoredService
 from .convert import timestamp
+from .gate import Gate
 from .room_secrets import unary
 
 _FLAVORS = {
@@ -63,8 +63,8 @@ def service_info(stored: StoredService) -> pb.ServiceInfo:
 
 
 class ProjectSecretsServicer(pb_grpc.ProjectSecretsServicer):
-    def __init__(self, verifier: TokenVerifier, project: ProjectService) -> None:
-        self.verifier = verifier
+    def __init__(self, gate: Gate, project: ProjectService) -> None:
+        self.gate = gate
         self.project = project
 
     # -- secret keys --------------------------------------------------------------------------

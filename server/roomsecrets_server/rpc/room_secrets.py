@@ -13,7 +13,6 @@ from roomsecrets.v1 import room_secrets_pb2 as pb
 from roomsecrets.v1 import room_secrets_pb2_grpc as pb_grpc
 
 from ..auth.principal import Principal
-from ..auth.tokens import TokenVerifier
 from ..errors import DomainError, InvalidArgument
 from ..oauth.service import OAuthService
 from ..requests.notifier import RequestClosed, RequestOpened
@@ -22,6 +21,7 @@ from ..secrets.service import SecretsService
 from ..store import RequestRecord, RequestState, SecretRecord
 from .convert import access_token_fields, client_ref, oauth_request, timestamp
 from .errors import to_status
+from .gate import Gate
 from .registry import Unparsable
 
 log = logging.getLogger(__name__)
@@ -37,13 +37,6 @@ _STATES = {
     RequestState.EXPIRED: pb.REQUEST_STATE_EXPIRED,
     RequestState.CANCELLED: pb.REQUEST_STATE_CANCELLED,
 }
-
-
-def authorization(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization":
-            return str(value)
-    return None
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: Exception) -> None:
@@ -64,12 +57,14 @@ def unary(
     async def handler(
         self: RoomSecretsServicer, request: Req, context: grpc.aio.ServicerContext[Any, Any]
     ) -> Resp:
+        principal: Principal | None = None
         try:
-            principal = self.verifier.authenticate(authorization(context))
+            principal = self.gate.authenticate(context)
             if isinstance(request, Unparsable):
                 raise unparsable(request)
             return await method(self, request, principal, context)
         except Exception as error:
+            await self.gate.refused(method.__name__, request, principal, error)
             await _abort(context, error)
             raise  # unreachable: abort raises
 
@@ -135,9 +130,9 @@ def _crc(message: Any) -> int | None:
 
 class RoomSecretsServicer(pb_grpc.RoomSecretsServicer):
     def __init__(
-        self, verifier: TokenVerifier, secrets: SecretsService, requests: RequestService, oauth: OAuthService
+        self, gate: Gate, secrets: SecretsService, requests: RequestService, oauth: OAuthService
     ) -> None:
-        self.verifier = verifier
+        self.gate = gate
         self.secrets = secrets
         self.requests = requests
         self.oauth = oauth
@@ -296,15 +291,20 @@ class RoomSecretsServicer(pb_grpc.RoomSecretsServicer):
     async def WatchRequests(
         self, request: pb.WatchRequestsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.WatchRequestsResponse]:
+        principal: Principal | None = None
+        opened = False
         try:
-            principal = self.verifier.authenticate(authorization(context))
+            principal = self.gate.authenticate(context)
             if isinstance(request, Unparsable):
                 raise unparsable(request)
             async for event in self.requests.watch(principal):
+                opened = True
                 message = self._watch_event(event)
                 if message is not None:
                     yield message
         except Exception as error:
+            if not opened:  # refused; a stream that ran and ends (shutdown, overflow) was not
+                await self.gate.refused("WatchRequests", request, principal, error)
             await _abort(context, error)
 
     def _watch_event(

@@ -28,7 +28,7 @@ from ..auth.principal import Principal
 from ..crypto.checksum import crc32c
 from ..crypto.envelope import Envelope, place
 from ..crypto.keyring import KeyringFile
-from ..errors import EtagMismatch, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from ..errors import EtagMismatch, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, audited
 from ..quotas import QuotaExceeded
 from ..store import ABSENT, ANY, SecretKey, SecretKind, SecretRecord, Store, WriteCondition
 
@@ -157,7 +157,7 @@ class SecretsService:
                     delegated_to=delegated_to,
                 )
                 what = "does not exist" if existing is None else "has changed"
-                raise EtagMismatch(f"etag does not match: secret {key.secret_id!r} {what}")
+                raise audited(EtagMismatch(f"etag does not match: secret {key.secret_id!r} {what}"))
             record = self.seal(
                 key,
                 type_ or (existing.type if existing else validate.DEFAULT_TYPE),
@@ -171,7 +171,7 @@ class SecretsService:
                 if etag:
                     raise
                 continue  # a concurrent write won; re-read and apply ours on top (last writer wins)
-            except QuotaExceeded:  # the store held it to a quota (quotas.py): nothing was written
+            except QuotaExceeded as refused:  # the store held it to a quota (quotas.py): nothing written
                 await self._audit.record(
                     "set_secret",
                     room=p.room,
@@ -181,7 +181,7 @@ class SecretsService:
                     owner=owner,
                     delegated_to=delegated_to,
                 )
-                raise
+                raise audited(refused) from None
             await self._audit.record(
                 "set_secret",
                 room=p.room,
@@ -233,7 +233,12 @@ class SecretsService:
         try:
             if key.room != reader.room:
                 raise PermissionDenied(f"secret {key.secret_id!r} is in another room")
-            how = authority.reads_as(reader, key.owner, key.delegated_to)
+            how = authority.reads_as(
+                reader,
+                key.owner,
+                key.delegated_to,
+                template_variable=record.kind == SecretKind.TEMPLATE_VARIABLE,
+            )
             if record.type.startswith(RESERVED_TYPE_PREFIX):
                 raise FailedPrecondition(
                     f"secret {key.secret_id!r} is kept by the server ({record.type}); "
@@ -241,7 +246,7 @@ class SecretsService:
                 )
         except (PermissionDenied, FailedPrecondition) as refused:
             await self._audit_release(reader, record, action, actor, "denied", on_behalf)
-            raise refused
+            raise audited(refused) from None
         data = self.open(record)
         await self._audit_release(reader, record, action, actor, outcome, on_behalf, how)
         return SecretValue(record, data)
@@ -323,7 +328,7 @@ class SecretsService:
                 delegated_to=delegated_to,
                 target=url,
             )
-            raise NotFound(f"no requested secret for url {url!r} and type {type_!r}")
+            raise audited(NotFound(f"no requested secret for url {url!r} and type {type_!r}"))
         for key in deleted:
             how = "owner" if key.owner == p.identity else "delegate"
             await self._audit.record(
