@@ -289,6 +289,7 @@ class SecretsService:
             secret_id=secret_id,
             owner=owner,
             delegated_to=key.delegated_to,
+            authority=f"{'owner' if owner == p.identity else 'room admin'}:{p.identity}",
         )
         return found
 
