@@ -757,8 +757,8 @@ def test_watch_requests_answers_any_caller_deliberately(
                 )
             if code in too_large:
                 return
-            if not identity or not room_name or role not in (*ROLES, ""):
-                assert code == Code.UNAUTHENTICATED, code
+            if not identity or not room_name or not project or role not in (*ROLES, ""):
+                assert code == Code.UNAUTHENTICATED, code  # a token names its project (`sub`)
             elif unusual(identity) or unusual(room_name) or unusual(project):
                 # Name-like claims are checked at the door (auth/principal.py _claim_text).
                 assert code == Code.UNAUTHENTICATED, (code, err and err.details())
