@@ -324,7 +324,7 @@ def test_a_template_never_uses_or_replaces_a_secret_it_did_not_store(
             - {name: TOKEN, value: "{{ token }}"}
         """
     )
-    admin = project("pa", project_role="admin")  # no room admin
+    admin = project("pa", project_role="admin", admin=True)
     admin.apply_service(template)
     for variables in ({"token": "overwrite"}, {}):
         with pytest.raises(FailedPreconditionError) as refused:
@@ -584,7 +584,8 @@ def test_a_developer_naming_a_template_after_itself_reads_no_installers_input(
         """
     )
     project("dev", project_role="developer").apply_service(template)
-    project("ops", project_role="admin").resolve_service("dev", {"db_password": "ADMIN-ONLY-DB-PASSWORD"})
+    installer = project("ops", project_role="admin", admin=True)  # stores for identity `dev`: room admin
+    installer.resolve_service("dev", {"db_password": "ADMIN-ONLY-DB-PASSWORD"})
     read = pb.GetSecretRequest(secret_id="dev.db_password")
     for md in (room.auth("dev"), room.auth("dev", project_role="developer")):
         with pytest.raises(grpc.RpcError) as refused:
@@ -592,6 +593,38 @@ def test_a_developer_naming_a_template_after_itself_reads_no_installers_input(
         assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
     service = room.auth("dev", project_role="service", service="dev")  # the service itself does
     assert room.stub.GetSecret(read, metadata=service).data == b"ADMIN-ONLY-DB-PASSWORD"
+    # Not even its size and CRC32C (a short value falls to a brute force of the checksum).
+    listed = room.stub.ListSecrets(pb.ListSecretsRequest(), metadata=room.auth("dev")).secrets
+    assert "dev.db_password" not in [s.id for s in listed]
+    assert [s.id for s in room.stub.ListSecrets(pb.ListSecretsRequest(), metadata=service).secrets] == [
+        "dev.db_password"
+    ]
+
+
+def test_installing_a_template_stores_for_its_identity_only_with_room_admin(
+    room: Participants, project: Callable[..., ProjectSecretsClient]
+) -> None:
+    """A template named `alice` stores its variables as alice's secrets: acting for alice, which a
+    project admin without room admin may not do (the service installing itself may)."""
+    template = textwrap.dedent(
+        """\
+        version: v1
+        kind: ServiceTemplate
+        metadata: {name: alice}
+        variables:
+          - {name: pw, obscure: true}
+        container:
+          image: registry.example/alice:1
+          environment:
+            - {name: PW, value: "{{ pw }}"}
+        """
+    )
+    project("dev", project_role="developer").apply_service(template)
+    with pytest.raises(PermissionDeniedError):
+        project("pa", project_role="admin").resolve_service("alice", {"pw": "INSTALLER-PW"})
+    assert not room.stub.Exists(pb.ExistsRequest(secret_id="alice.pw"), metadata=room.auth("alice")).exists
+    project("ops", project_role="admin", admin=True).resolve_service("alice", {"pw": "INSTALLER-PW"})
+    project("alice", project_role="service", service="alice").resolve_service("alice", {"pw": "SELF"})
 
 
 def test_dot_segments_cannot_step_out_of_a_granted_endpoint_prefix(room: Participants) -> None:
@@ -608,6 +641,8 @@ def test_dot_segments_cannot_step_out_of_a_granted_endpoint_prefix(room: Partici
         "https://idp.example/tenant-a/%2e%2e/tenant-b/token",
         "https://idp.example/tenant-a/..%2ftenant-b/token",
         "https://idp.example/tenant-a\\..\\tenant-b/token",
+        "https://idp.example/tenant-a/..;/tenant-b/token",
+        "https://idp.example/tenant-a/%252e%252e/tenant-b/token",
     ):
         oauth = pb.OAuthClientConfig(
             client_id="c",
@@ -660,6 +695,11 @@ def test_start_up_variables_of_libraries_and_runtimes_are_refused(
     dev = project("dev", project_role="developer")
     names = "OPENSSL_CONF QT_PLUGIN_PATH GTK_MODULES ERL_AFLAGS MONO_ENV_OPTIONS BUN_OPTIONS GEM_PATH"
     names += " RUBYGEMS_GEMDEPS JULIA_LOAD_PATH R_LIBS VIMINIT WGETRC KRB5_CONFIG"
+    names += (
+        " GRPC_PROXY grpc_proxy GST_PLUGIN_SYSTEM_PATH XDG_CONFIG_DIRS TCL_LIBRARY GDK_PIXBUF_MODULE_FILE"
+    )
+    names += " PKCS11_MODULE_PATH VK_LAYER_PATH __EGL_VENDOR_LIBRARY_FILENAMES LIBGL_DRIVERS_PATH MAVEN_OPTS"
+    names += " GRADLE_OPTS GOFLAGS FPATH BASH_LOADABLES_PATH PS0"
     for name in names.split():
         with pytest.raises(SecretsError) as refused:
             dev.apply_service(service("api", f"- {{name: {name}, value: /tmp/x}}"))

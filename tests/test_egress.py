@@ -1001,3 +1001,38 @@ def test_a_refused_destination_sends_nothing_at_all(egress: ModuleType, listener
         denied = fetch(egress, policy, url)
         assert isinstance(denied, egress.EgressDenied) and "loopback" in str(denied)
     assert listener.untouched()
+
+
+@pytest.mark.parametrize("expires_in", [1e308, 10**30], ids=["1e308", "10^30"])
+def test_an_absurd_expiry_from_the_provider_is_bounded(
+    serve: Callable[..., Participants],
+    provider: OAuthProvider,
+    listeners: Callable[..., Listener],
+    expires_in: float,
+) -> None:
+    """A provider answering expires_in 1e308 left a stored token whose every read was INTERNAL
+    (no Timestamp holds that time); the expiry is capped at ten years."""
+    body = json.dumps({"access_token": "at-absurd", "token_type": "Bearer", "expires_in": expires_in})
+    endpoint = listeners(sends(http("200 OK", body.encode(), "Content-Type: application/json")))
+    room = serve(egress_allow=allowed(endpoint.port))
+    client = inline(provider, f"http://127.0.0.1:{endpoint.port}/token")
+    md = room.auth("mallory")
+    watcher = Watcher(room, "mallory")
+    try:
+        request = pb.RequestOAuthTokenRequest(
+            from_participant_id="mallory", redirect_uri=REDIRECT, delegate_to="mallory", timeout=30, **client
+        )
+        future = room.stub.RequestOAuthToken.future(request, metadata=md, timeout=40)
+        prompt = watcher.wait_for(lambda e: e.HasField("oauth_request")).oauth_request
+        answer = pb.ProvideOAuthAuthorizationRequest(
+            request_id=prompt.request_id, code="c", state=prompt.state
+        )
+        room.stub.ProvideOAuthAuthorization(answer, metadata=md, timeout=30)
+        assert future.result(timeout=10).access_token == "at-absurd"
+        offline = room.stub.GetOfflineOAuthToken(
+            pb.GetOfflineOAuthTokenRequest(delegated_to="mallory", **client), metadata=md
+        )
+        assert offline.access_token == "at-absurd"
+        assert offline.expire_time.seconds <= time.time() + 10 * 366 * 86400
+    finally:
+        watcher.cancel()

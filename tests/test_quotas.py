@@ -41,6 +41,7 @@ SMALL = {
     "max_pending_asked": 2,
     "max_pending_addressed": 3,
     "max_watch_streams": 2,
+    "max_manifest_bytes_per_project": 400_000,
 }
 # For rows larger than SMALL's bytes allow (connectors and token sets are a few hundred bytes).
 ROOMY_BYTES = {"max_bytes_per_identity": 2**20, "max_bytes_per_room": 2**20}
@@ -566,3 +567,32 @@ def test_concurrent_requests_by_many_threads_never_pass_the_limit(
     assert sum(f.done() for f in futures) == 37
     time.sleep(0.3)
     assert len(bob.requests()) == 3  # --max-pending-addressed
+
+
+def test_a_projects_manifests_are_bounded(data_dir: Path, database_url: str) -> None:
+    """Project records had no limit: a developer applied 100 manifests of 244 KB, and every
+    ListServices then failed (its reply past the message limit) and stalled the server for 14 s.
+    The manifests of a project are bounded together (--max-manifest-bytes-per-project)."""
+    server = start(data_dir, database_url, max_manifest_bytes_per_project=100_000)
+    room = Participants(server)
+    dev = ProjectSecretsClient(server.address, room.token("dev", project_role="developer"))
+    try:
+        env = "".join(f'    - {{name: V{i}, value: "{"y" * 2000}"}}\n' for i in range(20))  # ~41 KB each
+
+        def manifest(n: int) -> str:
+            head = f"version: v1\nkind: Service\nmetadata: {{name: flood{n}}}\ncontainer:\n  image: x\n"
+            return head + "  environment:\n" + env
+
+        dev.apply_service(manifest(0))
+        dev.apply_service(manifest(1))
+        with pytest.raises(Exception, match="max-manifest-bytes-per-project") as err:
+            dev.apply_service(manifest(2))
+        assert "RESOURCE_EXHAUSTED" in str(err.value)
+        dev.apply_service(manifest(1))  # replacing one is not growth
+        assert [s.name for s in dev.list_services()] == ["flood0", "flood1"]
+        dev.delete_service("flood1")
+        dev.apply_service(manifest(2))
+    finally:
+        dev.close()
+        room.close()
+        server.stop()

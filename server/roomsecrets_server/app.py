@@ -190,6 +190,7 @@ class RoomSecretsServer:
             self.store,
             self.secrets,
             self.audit,
+            self.quotas,
             mint_token=functools.partial(
                 mint_service_token,
                 settings.data_dir,

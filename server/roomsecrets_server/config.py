@@ -78,6 +78,9 @@ class Settings:
     max_pending_asked: int = 32
     max_pending_addressed: int = 64
     max_watch_streams: int = 16
+    # Project records: the manifests of one project together (every ListServices reply carries
+    # them all, within one message), so one developer cannot make them grow without bound.
+    max_manifest_bytes_per_project: int = 768 * 2**10
 
     @property
     def production_keys(self) -> bool:
@@ -151,6 +154,7 @@ QUOTA_SETTINGS = (
     "max_pending_asked",
     "max_pending_addressed",
     "max_watch_streams",
+    "max_manifest_bytes_per_project",
 )
 
 

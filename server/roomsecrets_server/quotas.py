@@ -104,6 +104,12 @@ LIMITS: dict[str, Limit] = {
         "{who} has that many to answer in this room",
         "ask again once it has answered some",
     ),
+    "project_manifest_bytes": Limit(
+        "max_manifest_bytes_per_project",
+        "bytes of service manifests a project may hold",
+        "this manifest would take the project past it",
+        "delete or shrink some manifests first",
+    ),
     "watch_streams": Limit(
         "max_watch_streams",
         "WatchRequests streams one identity may hold open in a room, on one server process",
@@ -127,10 +133,17 @@ class Quotas:
         limit, value = LIMITS[name], self._values[name]
         amount = f"{value} bytes ({_size(value)})" if "bytes" in limit.what else str(value)
         who = f"identity {identity!r}" if identity else "the room's OAuth connectors"
+        if name == "project_manifest_bytes":
+            who = f"project {identity!r}"
         return QuotaExceeded(
             f"quota exceeded: at most {amount} {limit.what} (serve flag {limit.flag}, env {limit.env}), "
             f"and {limit.reached.format(who=who)}; {limit.advice}"
         )
+
+    def check_manifest_bytes(self, project: str, total: int) -> None:
+        """Before a manifest is stored, with `total` the bytes of the project's manifests then."""
+        if total > self._values["project_manifest_bytes"]:
+            raise self.refusal("project_manifest_bytes", "", project)
 
     def check_watch_streams(self, room: str, identity: str, open_now: int) -> None:
         """Before a WatchRequests stream of `identity` opens, with `open_now` already open."""

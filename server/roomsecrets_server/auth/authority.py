@@ -53,7 +53,7 @@ def reads_as(p: Principal, owner: str, delegated_to: str, *, template_variable: 
     token of that service (project role `service`, service = the owner) reads it."""
     if p.secrets is None:
         raise PermissionDenied(f"{p.identity!r} has no 'secrets' API grant, which reading room secrets needs")
-    if template_variable and not (p.project_role == "service" and p.service == owner == p.identity):
+    if template_variable and not is_service(p, owner):
         raise PermissionDenied(
             f"this secret of {owner!r} holds a ServiceTemplate variable: only a token of service "
             f"{owner!r} itself (project role service) reads it"
@@ -67,6 +67,13 @@ def reads_as(p: Principal, owner: str, delegated_to: str, *, template_variable: 
         + (f" delegated to {delegated_to!r}" if delegated_to else "")
         + " (only the owner and the one delegate may)"
     )
+
+
+def is_service(p: Principal, identity: str) -> bool:
+    """Whether `p` is the token of service `identity` itself (project role service, that name),
+    the only reader of the ServiceTemplate variables stored under its identity. Listings hide
+    those rows from anyone else: even a value's size and CRC32C tell a short value."""
+    return p.project_role == "service" and p.service == identity == p.identity
 
 
 def acts_for(p: Principal, identity: str, what: str) -> str:

@@ -96,6 +96,7 @@ QUOTA_HELP = {
     "max_pending_asked": "pending requests one identity may have asked in a room",
     "max_pending_addressed": "pending requests (each may prompt a human) addressed to one identity in a room",
     "max_watch_streams": "WatchRequests streams one identity may hold open in a room, per server process",
+    "max_manifest_bytes_per_project": "bytes of the service manifests of one project, together",
 }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -33,6 +34,8 @@ TOKEN_ID_PREFIX = "oauth:"  # noqa: S105 - an id prefix
 MAX_SCOPES = 64
 MAX_EXTRA_PARAMS = 32
 MAX_CODE = 4096
+# A provider's expires_in is capped at ten years (a longer one is as good as never expiring).
+MAX_TOKEN_LIFETIME = 10 * 365 * 86400.0
 # The error codes of RFC 6749 5.2 (token endpoint) and 4.1.2.1 (server_error,
 # temporarily_unavailable, access_denied): the only provider text a caller ever sees.
 OAUTH_ERROR_CODES = frozenset(
@@ -102,9 +105,19 @@ def _check_url(value: str, field_name: str, *, required: bool = True) -> str:
 
 
 def _unnormalized_path(path: str) -> bool:
+    """Whether some server on the way could read `path` as another path: dot segments, also
+    percent-encoded (once or more), with a `;params` suffix (`..;` is `..` to Tomcat, Jetty and
+    Spring), backslashes, or encoded slashes."""
     if "\\" in path or re.search("%(2f|5c)", path, re.IGNORECASE):
         return True
-    return any(unquote(segment) in (".", "..") for segment in path.split("/"))
+    for _ in range(3):  # a server that decodes twice sees %252e%252e as ..
+        decoded = unquote(path)
+        if decoded == path:
+            break
+        path = decoded
+    if "\\" in path:
+        return True
+    return any(segment.split(";", 1)[0] in (".", "..") for segment in path.split("/"))
 
 
 def _split(value: str, field_name: str) -> SplitResult:
@@ -244,7 +257,7 @@ class TokenSet:
             access_token=doc["access_token"],
             refresh_token=doc["refresh_token"],
             token_type=doc["token_type"],
-            expires_at=doc["expires_at"],
+            expires_at=_bounded_expiry(doc["expires_at"], float(doc["obtained_at"])),
             scopes=tuple(doc["scopes"]),
             needs_reauthorization=bool(doc["needs_reauthorization"]),
             obtained_at=float(doc["obtained_at"]),
@@ -261,17 +274,25 @@ class TokenSet:
         # From expires_in when given: authlib's own expires_at is truncated to whole seconds.
         expires_in, expires_at = token.get("expires_in"), token.get("expires_at")
         if isinstance(expires_in, int | float) and not isinstance(expires_in, bool):
-            expires_at = now + float(expires_in)
+            expires_at = now + min(max(float(expires_in), 0.0), MAX_TOKEN_LIFETIME)
         scope = token.get("scope")
         return TokenSet(
             access_token=access,
             # A provider that does not rotate refresh tokens omits it on refresh: keep the old one.
             refresh_token=str(token.get("refresh_token") or (previous.refresh_token if previous else "")),
             token_type=str(token.get("token_type") or "Bearer"),
-            expires_at=float(expires_at) if isinstance(expires_at, int | float) else None,
+            expires_at=_bounded_expiry(expires_at, now),
             scopes=tuple(scope.split()) if isinstance(scope, str) else requested,
             obtained_at=now,
         )
+
+
+def _bounded_expiry(expires_at: object, now: float) -> float | None:
+    """An expiry time a reply (google.protobuf.Timestamp, up to year 9999) can carry: a provider
+    saying 1e308 seconds, infinity or NaN must not leave a token every read fails on (INTERNAL)."""
+    if not isinstance(expires_at, int | float) or isinstance(expires_at, bool) or math.isnan(expires_at):
+        return None
+    return min(max(float(expires_at), 0.0), now + MAX_TOKEN_LIFETIME)
 
 
 class AuthorizationServer:

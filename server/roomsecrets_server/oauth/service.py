@@ -343,6 +343,8 @@ class OAuthService:
                 secret_id=key.secret_id,
                 owner=record.target,
                 delegated_to=record.delegate_to,
+                target=record.requested_by,  # who receives it, on the answering identity's authority
+                authority=f"answer:{p.identity}",
             )
             return
         raise FailedPrecondition(f"request {request_id}: the stored token keeps changing; try again")

@@ -40,8 +40,10 @@ from ..errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
     audited,
 )
+from ..quotas import Quotas
 from ..secrets.service import SecretsService
 from ..store import ABSENT, ANY, SecretKey, SecretKind, SecretRecord, Store, WriteCondition
 from . import launch
@@ -127,11 +129,18 @@ class Resolved:
 
 class ProjectService:
     def __init__(
-        self, store: Store, secrets: SecretsService, audit: AuditLog, *, mint_token: TokenMinter | None
+        self,
+        store: Store,
+        secrets: SecretsService,
+        audit: AuditLog,
+        quotas: Quotas,
+        *,
+        mint_token: TokenMinter | None,
     ) -> None:
         self._store = store
         self._secrets = secrets
         self._audit = audit
+        self._quotas = quotas
         self._mint = mint_token
 
     # -- secret keys --------------------------------------------------------------------------
@@ -162,9 +171,12 @@ class ProjectService:
                 raise audited(PermissionDenied(f"service {p.service!r} does not declare secret key {id_!r}"))
             self._check_author_reads_values(stored, f"secret key {id_!r}")
             may_read = True
+            assert stored.author is not None  # checked just above
+            how = f"admin:{stored.author.identity} (manifest {p.service})"
         else:
             p.require_project_role("admin", "developer", what="reading a secret key")
             may_read = p.project_role == "admin"
+            how = f"{p.project_role}:{p.identity}"
         bundle = await self._key(p, id_)
         await self._audit.record(
             "get_secret_key",
@@ -172,6 +184,7 @@ class ProjectService:
             actor=p.identity,
             secret_id=id_,
             outcome="values" if may_read else "metadata",
+            authority=how,
         )
         return bundle, may_read
 
@@ -311,6 +324,21 @@ class ProjectService:
         condition = WriteCondition(etag=existing.etag) if existing else ABSENT
         sealed = {"format": _SERVICE_FORMAT, "manifest": text, "author": authority.record_of(p)}
         record = self._secrets.seal(key, SERVICE_TYPE, manifest.name, json.dumps(sealed).encode())
+        # Bounded per project (quotas.py); concurrent applies may overshoot by the ones in flight.
+        others = await self._store.list_owned(PROJECT_ROOM, _project(p), SERVICE_TYPE, MAX_ITEMS)
+        try:
+            self._quotas.check_manifest_bytes(
+                p.project, record.size + sum(r.size for r in others if r.key != key)
+            )
+        except ResourceExhausted as refused:
+            await self._audit.record(
+                "apply_service",
+                room=_where(p),
+                actor=p.identity,
+                outcome="quota_exceeded",
+                target=manifest.name,
+            )
+            raise audited(refused) from None
         await self._store.put_secret(record, condition)
         await self._audit.record(
             "apply_service",
@@ -577,6 +605,11 @@ class ProjectService:
         key = _obscure_key(p, manifest, var)
         existing = await self._template_variable(p, manifest, var)
         if var in variables:
+            # Stored for the service's identity, which the template's author chose: storing for
+            # another identity needs room admin, unless the installer is that service itself.
+            how = authority.acts_for(
+                p, key.owner, f"variables.{var} (stored for service identity {key.owner!r})"
+            )
             value = variables[var]
             record = self._secrets.seal(key, "text/plain", "", value.encode(), SecretKind.TEMPLATE_VARIABLE)
             await self._store.put_secret(record, WriteCondition(etag=existing.etag) if existing else ABSENT)
@@ -586,6 +619,7 @@ class ProjectService:
                 actor=p.identity,
                 secret_id=key.secret_id,
                 owner=key.owner,
+                authority=f"{how}:{p.identity}",
             )
             return value
         if existing is None:

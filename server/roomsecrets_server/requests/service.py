@@ -334,6 +334,8 @@ class RequestService:
                 secret_id=key.secret_id,
                 owner=record.target,
                 delegated_to=record.delegate_to,
+                target=record.requested_by,  # who receives it, on the answering identity's authority
+                authority=f"answer:{p.identity}",
             )
             return
         raise FailedPrecondition(f"request {request_id}: the stored secret keeps changing; try again")

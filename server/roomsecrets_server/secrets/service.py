@@ -357,6 +357,10 @@ class SecretsService:
             rows = rows[:limit]
             last = rows[-1].key
             next_token = _encode_page_token((last.owner, last.delegated_to, last.secret_id))
+        # A template variable under the caller's identity is the service's, not the caller's.
+        rows = [
+            r for r in rows if r.kind != SecretKind.TEMPLATE_VARIABLE or authority.is_service(p, r.key.owner)
+        ]
         await self._audit.record("list_secrets", room=p.room, actor=p.identity, target=f"{len(rows)} listed")
         return rows, next_token
 
